@@ -1,0 +1,34 @@
+"""Errors that reach users.
+
+Every error a user can cause is a :class:`ConservcheckError` whose message names the problem and
+whose ``hint`` names the fix. The CLI prints ``error: <message> (<hint>)`` on one line and exits with
+code 2; library callers catch the class.
+"""
+
+from __future__ import annotations
+
+
+class ConservcheckError(Exception):
+    """A user-facing failure: bad input, a model that cannot be loaded, a broken probe."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(ConservcheckError):
+    """Arguments that cannot work together or are out of range."""
+
+
+class ModelLoadError(ConservcheckError):
+    """A model reference that cannot be resolved or loaded."""
+
+
+class ProbeContractError(ConservcheckError):
+    """A probe whose outputs break the contract (shape, finiteness, determinism)."""

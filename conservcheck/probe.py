@@ -1,0 +1,145 @@
+"""`VectorFieldProbe`: the one interface every diagnostic sees.
+
+A probe wraps any callable ``fn(x, native_time) -> output`` together with what decides its units: the
+noising process (canonical time), the model's time convention, and the parameterization of its output.
+It answers :meth:`VectorFieldProbe.score` in score units ∇ₓ log p_t(x) at canonical time t. Nothing
+downstream of the probe knows the model's native units.
+
+Three lines wrap a custom epsilon-network trained with DDPM's linear schedule::
+
+    sched = DiscreteSchedule.linear()
+    probe = VectorFieldProbe(lambda x, k: net(x, k), process=OUProcess(), time_convention=sched,
+                             parameterization="epsilon", sample_shape=(3, 32, 32))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .errors import ProbeContractError, UsageError
+from .parameterization import canonical_name, to_score
+from .process import OUProcess, Process, TimeConvention, expand_like
+
+
+@dataclass
+class ProbeInfo:
+    """Provenance recorded in reports: where the model came from and how it was converted."""
+
+    name: str = "custom"
+    adapter: str = "custom"
+    reference: str | None = None
+    revision: str | None = None
+    weights_sha256: str | None = None
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("name", "adapter", "reference", "revision", "weights_sha256")}
+        out["trust_remote_code"] = self.trust_remote_code
+        out.update(self.extra)
+        return out
+
+
+class VectorFieldProbe:
+    """A vector field s(x, t) in score units at canonical time.
+
+    Args:
+        fn: callable ``fn(x, native_time)``; ``x`` has shape [B, *sample_shape] in the model's data
+            coordinates, ``native_time`` is a float tensor of shape [B] produced by ``time_convention``.
+        process: the noising process that defines canonical time, α(t) and σ(t).
+        sample_shape: shape of one sample, e.g. (3, 32, 32).
+        parameterization: what ``fn`` predicts: score, epsilon, x0, v or velocity (see
+            :mod:`conservcheck.parameterization`).
+        time_convention: maps canonical time to ``fn``'s native time (identity by default).
+        data_range: the interval clean data lives in, e.g. (−1, 1) for DDPM, (0, 1) for score_sde VE.
+        device, dtype: where and in which precision inputs are evaluated.
+        info: provenance for reports.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor, Tensor], Tensor],
+        *,
+        process: Process | None = None,
+        sample_shape: tuple[int, ...],
+        parameterization: str = "score",
+        time_convention: TimeConvention | None = None,
+        data_range: tuple[float, float] = (-1.0, 1.0),
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        info: ProbeInfo | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise UsageError(f"the probe's model must be callable, got {type(fn).__name__}", "pass a function or module")
+        self.fn = fn
+        self.process = process if process is not None else OUProcess()
+        self.sample_shape = tuple(int(d) for d in sample_shape)
+        if not self.sample_shape or any(d <= 0 for d in self.sample_shape):
+            raise UsageError(f"invalid sample_shape {sample_shape!r}", "give the shape of one sample, e.g. (3, 32, 32)")
+        self.parameterization = canonical_name(parameterization)
+        self.time_convention = time_convention if time_convention is not None else TimeConvention()
+        self.data_range = (float(data_range[0]), float(data_range[1]))
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.info = info if info is not None else ProbeInfo()
+
+    @property
+    def dim(self) -> int:
+        """Number of components D of one sample."""
+        n = 1
+        for d in self.sample_shape:
+            n *= d
+        return n
+
+    def times(self, t: Tensor | float, batch: int) -> Tensor:
+        """Canonical times as a float64 tensor of shape [batch] on the probe's device."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise UsageError(f"time has shape {tuple(t.shape)}, expected ({batch},) or a scalar", "pass one time per sample")
+        return t
+
+    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """s(x, t) = ∇ₓ log p_t(x), shape [B, *sample_shape], for x of that shape and t of shape [B] or 0-d."""
+        if tuple(x.shape[1:]) != self.sample_shape:
+            raise UsageError(
+                f"input has sample shape {tuple(x.shape[1:])}, the probe expects {self.sample_shape}",
+                "reshape the batch to [B, *sample_shape]",
+            )
+        t64 = self.times(t, x.shape[0])
+        native = self.time_convention.from_canonical(t64).to(self.dtype)
+        out = self.fn(x, native)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ProbeContractError(
+                f"model output has shape {got}, expected {tuple(x.shape)}",
+                "the wrapped callable must return one vector per input sample",
+            )
+        proc = self.process
+        alpha = expand_like(proc.alpha(t64), out)
+        sigma = expand_like(proc.sigma(t64), out)
+        if self.parameterization == "velocity":
+            dalpha = expand_like(proc.alpha(t64) * proc.dlog_alpha_dt(t64), out)
+            dsigma = expand_like(proc.dsigma2_dt(t64) / (2 * proc.sigma(t64)), out)
+            return to_score("velocity", out, x, alpha, sigma, dalpha, dsigma)
+        return to_score(self.parameterization, out, x, alpha, sigma)
+
+    __call__ = score
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that decides this probe's units, for reports."""
+        return {
+            **self.info.to_dict(),
+            "parameterization": self.parameterization,
+            "process": self.process.to_dict(),
+            "time_convention": self.time_convention.to_dict(),
+            "sample_shape": list(self.sample_shape),
+            "data_range": list(self.data_range),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+        }
