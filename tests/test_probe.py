@@ -1,0 +1,52 @@
+"""The probe's contract: shapes, errors, provenance; and the import direction of the package."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conservcheck import OUProcess, ProbeContractError, UsageError, VectorFieldProbe
+from conservcheck.engine import Batcher, evaluate
+from conservcheck.fields import GaussianMixture, as_probe
+
+
+def test_wrong_output_shape_is_a_contract_error():
+    probe = VectorFieldProbe(lambda x, t: x[:, :1], process=OUProcess(), sample_shape=(3,))
+    with pytest.raises(ProbeContractError, match="expected"):
+        probe.score(torch.zeros(2, 3), 0.5)
+
+
+def test_wrong_input_shape_is_a_usage_error():
+    probe = VectorFieldProbe(lambda x, t: x, process=OUProcess(), sample_shape=(3,))
+    with pytest.raises(UsageError, match="sample shape"):
+        probe.score(torch.zeros(2, 4), 0.5)
+
+
+def test_unknown_parameterization():
+    with pytest.raises(UsageError, match="unknown parameterization"):
+        VectorFieldProbe(lambda x, t: x, sample_shape=(3,), parameterization="noise")
+
+
+def test_engine_results_do_not_depend_on_batch_size():
+    g = torch.Generator().manual_seed(0)
+    mix = GaussianMixture(torch.randn(3, 4, generator=g), 0.7)
+    probe = as_probe(mix, (4,), mix.process)
+    x = torch.randn(37, 4, generator=g, dtype=torch.float64)
+    t = torch.rand(37, generator=g, dtype=torch.float64) + 0.1
+    a = evaluate(probe, x, t, batch_size=5)
+    b = evaluate(probe, x, t, batcher=Batcher(64))
+    assert torch.equal(a, b)
+
+
+def test_describe_names_the_units():
+    probe = VectorFieldProbe(lambda x, t: x, process=OUProcess(), sample_shape=(3,), parameterization="eps")
+    d = probe.describe()
+    assert d["parameterization"] == "epsilon" and d["process"]["name"] == "ou"
+
+
+def test_importing_the_core_does_not_import_model_or_cli_libraries():
+    code = "import sys, conservcheck, conservcheck.fields, conservcheck.engine; " \
+           "print(sorted(m for m in ('diffusers', 'typer', 'rich') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
