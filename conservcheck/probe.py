@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .errors import ProbeContractError, UsageError
 from .parameterization import canonical_name, to_score
+from .precision import check_mode, forward_context
 from .process import OUProcess, Process, TimeConvention, expand_like
 
 
@@ -56,7 +57,9 @@ class VectorFieldProbe:
             :mod:`conservcheck.parameterization`).
         time_convention: maps canonical time to ``fn``'s native time (identity by default).
         data_range: the interval clean data lives in, e.g. (−1, 1) for DDPM, (0, 1) for score_sde VE.
-        device, dtype: where and in which precision inputs are evaluated.
+        device, dtype: where inputs are evaluated and the dtype they are stored in.
+        precision: how the forward pass runs (``fp32``, ``tf32``, ``bf16``, ``fp64``; see
+            :mod:`conservcheck.precision`); conversions to score units stay in ``dtype``.
         info: provenance for reports.
     """
 
@@ -71,6 +74,7 @@ class VectorFieldProbe:
         data_range: tuple[float, float] = (-1.0, 1.0),
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        precision: str | None = None,
         info: ProbeInfo | None = None,
     ) -> None:
         if not callable(fn):
@@ -85,6 +89,7 @@ class VectorFieldProbe:
         self.data_range = (float(data_range[0]), float(data_range[1]))
         self.device = torch.device(device)
         self.dtype = dtype
+        self.precision = check_mode(precision) if precision else ("fp64" if dtype == torch.float64 else "fp32")
         self.info = info if info is not None else ProbeInfo()
 
     @property
@@ -113,13 +118,15 @@ class VectorFieldProbe:
             )
         t64 = self.times(t, x.shape[0])
         native = self.time_convention.from_canonical(t64).to(self.dtype)
-        out = self.fn(x, native)
+        with forward_context(self.precision, x.device):
+            out = self.fn(x, native)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ProbeContractError(
                 f"model output has shape {got}, expected {tuple(x.shape)}",
                 "the wrapped callable must return one vector per input sample",
             )
+        out = out.to(x.dtype)
         proc = self.process
         alpha = expand_like(proc.alpha(t64), out)
         sigma = expand_like(proc.sigma(t64), out)
@@ -141,5 +148,6 @@ class VectorFieldProbe:
             "sample_shape": list(self.sample_shape),
             "data_range": list(self.data_range),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "precision": self.precision,
             "device": str(self.device),
         }

@@ -50,3 +50,21 @@ def test_importing_the_core_does_not_import_model_or_cli_libraries():
            "print(sorted(m for m in ('diffusers', 'typer', 'rich') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_bf16_precision_changes_only_the_forward_pass():
+    lin = torch.nn.Linear(8, 8)
+    probe32 = VectorFieldProbe(lambda x, t: lin(x), process=OUProcess(), sample_shape=(8,))
+    probe16 = VectorFieldProbe(lambda x, t: lin(x), process=OUProcess(), sample_shape=(8,), precision="bf16")
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = probe32.score(x, 0.5), probe16.score(x, 0.5)
+    assert b.dtype == torch.float32 and probe16.describe()["precision"] == "bf16"
+    # bfloat16 keeps 8 mantissa bits: relative error per output ≈ 2⁻⁸ ≈ 4e-3 times the sum's size.
+    assert not torch.equal(a, b)
+    assert torch.allclose(a, b, rtol=0, atol=0.05 * float(a.abs().max()))
+
+
+def test_unknown_precision():
+    with pytest.raises(UsageError, match="unknown precision"):
+        VectorFieldProbe(lambda x, t: x, sample_shape=(3,), precision="fp8")
