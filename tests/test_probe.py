@@ -68,3 +68,26 @@ def test_bf16_precision_changes_only_the_forward_pass():
 def test_unknown_precision():
     with pytest.raises(UsageError, match="unknown precision"):
         VectorFieldProbe(lambda x, t: x, sample_shape=(3,), precision="fp8")
+
+
+def test_batcher_halves_on_out_of_memory_and_keeps_order():
+    calls = []
+
+    def fn(x):
+        calls.append(x.shape[0])
+        if x.shape[0] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return x * 2
+
+    b = Batcher(32)
+    x = torch.arange(50.0)
+    assert torch.equal(b.map(fn, x), x * 2)
+    assert b.batch_size == 8 and calls[:3] == [32, 16, 8]
+
+
+def test_batcher_reraises_other_errors():
+    def fn(x):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        Batcher(4).map(fn, torch.zeros(3))
