@@ -1,0 +1,88 @@
+"""A contract check run once on a new probe, before any diagnostic spends model evaluations.
+
+It catches models whose numbers would be meaningless: outputs of the wrong shape, non-finite values,
+non-determinism (dropout left on), batch dependence (BatchNorm in training mode), and a time input that
+is ignored. Each problem is a one-line message naming what was expected, what was seen and what to try.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import rng
+from .errors import ProbeContractError
+from .probe import VectorFieldProbe
+
+
+@dataclass
+class ContractReport:
+    """Outcome of :func:`check_probe`: ``problems`` lists one-line messages; empty means it passed."""
+
+    problems: list[str] = field(default_factory=list)
+    nonfinite_times: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _times(probe: VectorFieldProbe) -> torch.Tensor:
+    sig = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
+    if probe.process.name == "ve":
+        sig = torch.tensor([0.05, 1.0, 20.0], dtype=torch.float64)
+    return probe.process.t_from_sigma(sig)
+
+
+def check_probe(probe: VectorFieldProbe, batch: int = 4, seed: int = 0) -> ContractReport:
+    """Run the probe on a few seeded inputs and report contract violations (never raises for them).
+
+    Inputs are x = α x0 + σ ε with x0 at the centre of the data range, at three noise levels from
+    nearly clean to noisy. A :class:`ProbeContractError` raised by the probe itself (wrong output
+    shape) is reported as a problem.
+    """
+    report = ContractReport()
+    lo, hi = probe.data_range
+    x0 = torch.full((batch, *probe.sample_shape), 0.5 * (lo + hi), dtype=probe.dtype, device=probe.device)
+    eps = rng.normal((batch, *probe.sample_shape), seed, "contract", dtype=probe.dtype, device=probe.device)
+    outs = []
+    with torch.no_grad():
+        for t in _times(probe):
+            x = float(probe.process.alpha(t)) * x0 + float(probe.process.sigma(t)) * eps
+            try:
+                s = probe.score(x, t)
+            except ProbeContractError as err:
+                report.problems.append(str(err))
+                return report
+            if not bool(torch.isfinite(s).all()):
+                report.nonfinite_times.append(float(t))
+            outs.append((x, t, s))
+        if report.nonfinite_times:
+            report.problems.append(
+                "model output has NaN/Inf at t = " + ", ".join(f"{v:.4g}" for v in report.nonfinite_times)
+                + " (check the weights and the precision; try --precision fp32)"
+            )
+        x, t, s = outs[1]
+        again = probe.score(x, t)
+        tol = 1e-4 if probe.dtype == torch.float32 else 1e-10
+        scale = float(s.abs().max().nan_to_num(0)) + 1e-30
+        if not torch.allclose(again, s, rtol=0, atol=tol * scale, equal_nan=True):
+            report.problems.append(
+                "model output is not deterministic: two identical calls differ "
+                "(put the model in eval() mode; dropout or sampling inside the forward pass breaks every diagnostic)"
+            )
+        single = torch.cat([probe.score(x[i : i + 1], t) for i in range(x.shape[0])])
+        if not torch.allclose(single, s, rtol=0, atol=tol * scale, equal_nan=True):
+            report.problems.append(
+                "model output for a sample depends on the rest of its batch "
+                "(BatchNorm in training mode? call eval())"
+            )
+        first, last = outs[0], outs[-1]
+        same_x = probe.score(first[0], last[1])
+        if torch.allclose(same_x, first[2], rtol=1e-6, atol=0, equal_nan=True):
+            report.problems.append(
+                "model output does not change with its time input "
+                "(check that the time convention feeds the model the time it was trained with)"
+            )
+    return report
