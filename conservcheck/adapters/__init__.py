@@ -1,0 +1,188 @@
+"""Model adapters: one small module per model family, found through an entry-point registry.
+
+Each adapter module exposes ``NAME``, ``detect(path) -> bool`` and ``load(path, *, device, dtype,
+trust_remote_code, **options) -> VectorFieldProbe`` (the adapter contract, ``docs/adapters.md``).
+Adapters are listed in the entry-point group ``conservcheck.adapters`` (name → module) and imported only
+when asked, so a broken third-party adapter cannot break the others or the CLI. The built-in families
+are always asked first, in :data:`BUILTIN` order; third-party entry points follow in name order.
+
+This package also holds what several adapters share: choosing the weights file of a folder and hashing
+the files actually loaded. Importing it imports no model library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import pathlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from ..errors import ModelLoadError
+
+GROUP = "conservcheck.adapters"
+
+BUILTIN: dict[str, str] = {
+    "embedded": "conservcheck.adapters.embedded",
+    "diffusers": "conservcheck.adapters.diffusers_unet",
+    "latent": "conservcheck.adapters.latent",
+    "score_sde": "conservcheck.adapters.score_sde",
+    "edm": "conservcheck.adapters.edm",
+    "flow": "conservcheck.adapters.flow",
+}
+
+
+@dataclass
+class AdapterEntry:
+    """One registered adapter: its name and the import path of the object exposing the contract."""
+
+    name: str
+    target: str
+    builtin: bool
+
+    def load(self) -> Any:
+        """Import the adapter (``module`` or ``module:attribute``)."""
+        module_name, _, attr = self.target.partition(":")
+        obj: Any = importlib.import_module(module_name)
+        for part in filter(None, attr.split(".")):
+            obj = getattr(obj, part)
+        return obj
+
+
+def registered() -> list[AdapterEntry]:
+    """Adapters in the order they are asked: built-ins (:data:`BUILTIN` order), then third parties by name.
+
+    Entry points whose name is a built-in name are ignored, so an installed package cannot shadow a
+    built-in family. Without entry-point metadata (a source tree that was never installed) the built-in
+    list is used alone.
+    """
+    entries = [AdapterEntry(name, target, True) for name, target in BUILTIN.items()]
+    try:
+        eps = importlib.metadata.entry_points(group=GROUP)
+    except Exception:  # broken metadata of an unrelated distribution must not stop model loading
+        eps = ()
+    extra = sorted((ep for ep in eps if ep.name not in BUILTIN), key=lambda ep: ep.name)
+    entries += [AdapterEntry(ep.name, ep.value, False) for ep in extra]
+    return entries
+
+
+def get(name: str) -> Any:
+    """The adapter registered under ``name``, imported."""
+    for entry in registered():
+        if entry.name == name:
+            try:
+                return entry.load()
+            except Exception as err:
+                raise ModelLoadError(
+                    f"the {name!r} adapter could not be imported ({type(err).__name__}: {err})",
+                    "reinstall the package that provides it",
+                ) from err
+    names = ", ".join(e.name for e in registered())
+    raise ModelLoadError(f"no adapter named {name!r}", f"use one of {names}")
+
+
+def detect(path: pathlib.Path) -> tuple[Any | None, list[str]]:
+    """The first adapter whose ``detect(path)`` is true, and the adapters that failed while asked.
+
+    An adapter that cannot be imported, or whose ``detect`` raises, is skipped with a ``RuntimeWarning``
+    and named in the returned list; a built-in family whose module is not installed is skipped silently.
+    """
+    broken: list[str] = []
+
+    def skip(entry: AdapterEntry, err: BaseException) -> None:
+        item = f"{entry.name} ({type(err).__name__}: {err})"
+        broken.append(item)
+        warnings.warn(f"conservcheck: adapter skipped: {item}", RuntimeWarning, stacklevel=3)
+
+    for entry in registered():
+        try:
+            adapter = entry.load()
+        except ModuleNotFoundError as err:
+            if not (entry.builtin and err.name == entry.target.partition(":")[0]):
+                skip(entry, err)
+            continue
+        except Exception as err:
+            skip(entry, err)
+            continue
+        try:
+            if adapter.detect(path):
+                return adapter, broken
+        except Exception as err:
+            skip(entry, err)
+    return None, broken
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights files
+
+
+@dataclass(frozen=True)
+class WeightsFiles:
+    """The weights file(s) of one model component and their format (``safetensors`` or ``pickle``)."""
+
+    files: tuple[pathlib.Path, ...]
+    format: str
+
+    @property
+    def use_safetensors(self) -> bool:
+        return self.format == "safetensors"
+
+
+def find_weights(folder: pathlib.Path, stem: str = "diffusion_pytorch_model", variant: str | None = None) -> WeightsFiles:
+    """The weights of a saved diffusers component: safetensors first, pickle (``.bin``) only without them.
+
+    Sharded weights (``<stem>.safetensors.index.json`` and its shards) count as all their shards.
+    Raises :class:`ModelLoadError` when the folder holds neither.
+    """
+    name = f"{stem}.{variant}" if variant else stem
+    for ext, fmt in (("safetensors", "safetensors"), ("bin", "pickle")):
+        single = folder / f"{name}.{ext}"
+        if single.is_file():
+            return WeightsFiles((single,), fmt)
+        index = folder / f"{name}.{ext}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return WeightsFiles(tuple(folder / s for s in shards), fmt)
+    raise ModelLoadError(
+        f"no weights file {name}.safetensors or {name}.bin in {folder}",
+        "check that the download finished (or the variant name) and the folder is a saved diffusers model",
+    )
+
+
+def sha256_file(path: pathlib.Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(files: Iterable[pathlib.Path], root: pathlib.Path) -> tuple[str, dict[str, str]]:
+    """(overall SHA-256, {path relative to root: SHA-256}) for the weights files a model loaded.
+
+    The overall hash of one file is that file's SHA-256; of several, the SHA-256 of the lines
+    ``"<sha256>  <relative path>\\n"`` in path order (the ``sha256sum`` listing of the files).
+    """
+    per = {p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p): sha256_file(p) for p in files}
+    if len(per) == 1:
+        return next(iter(per.values())), per
+    listing = "".join(f"{digest}  {rel}\n" for rel, digest in sorted(per.items()))
+    return hashlib.sha256(listing.encode()).hexdigest(), per
+
+
+__all__ = [
+    "BUILTIN",
+    "GROUP",
+    "AdapterEntry",
+    "WeightsFiles",
+    "detect",
+    "find_weights",
+    "get",
+    "hash_files",
+    "registered",
+    "sha256_file",
+]

@@ -1,0 +1,208 @@
+"""Your own model through a ``module:factory`` reference.
+
+``load_factory("package.module:factory")`` imports the module and calls the factory — with ``device=``
+and ``dtype=`` when its signature takes them — which returns either
+
+* a ready :class:`VectorFieldProbe`, or
+* a pair ``(model, declaration)``: a callable ``model(x, native_time)`` and a dict declaring its units::
+
+      def make(device="cpu", dtype=torch.float32):
+          net = MyEpsNet.load("weights.safetensors")
+          return net, dict(parameterization="epsilon", process="ou", time_convention="linear", sample_shape=(3, 32, 32))
+
+Declaration keys: ``parameterization`` (score, epsilon, x0, v, velocity), ``process`` (a
+:class:`~conservcheck.process.Process` or ``ou``/``vp``, ``ve``, ``flow``), ``sample_shape`` — all three
+required — and optionally ``time_convention`` (a :class:`~conservcheck.process.TimeConvention` or one of
+:data:`TIME_CONVENTIONS`: the identity, DDPM schedules with T = 1000 and their default β, score_sde's VP
+time), ``data_range`` (default (−1, 1)), ``precision`` and ``name``. A model that is an ``nn.Module`` is
+moved to the device and dtype, put in eval mode and frozen.
+
+A module that is not importable from the installed packages is looked for in the current folder too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import ConservcheckError, ModelLoadError, UsageError
+from ..parameterization import canonical_name
+from ..probe import ProbeInfo, VectorFieldProbe
+from ..process import DiscreteSchedule, Process, TimeConvention, VPSDETime, get_process
+
+NAME = "custom"
+
+#: Names accepted for ``time_convention`` in a declaration.
+TIME_CONVENTIONS: dict[str, Callable[[], TimeConvention]] = {
+    "canonical": TimeConvention,
+    "linear": DiscreteSchedule.linear,
+    "scaled_linear": DiscreteSchedule.scaled_linear,
+    "cosine": DiscreteSchedule.cosine,
+    "sigmoid": DiscreteSchedule.sigmoid,
+    "vpsde": VPSDETime,
+}
+REQUIRED = ("parameterization", "process", "sample_shape")
+OPTIONAL = ("time_convention", "data_range", "precision", "name")
+CONVERSIONS = {
+    "score": "s = out",
+    "epsilon": "s = -eps_hat / sigma",
+    "x0": "s = (alpha x0_hat - x) / sigma^2",
+    "v": "eps_hat = (alpha v_hat + sigma x) / (alpha^2 + sigma^2), s = -eps_hat / sigma",
+    "velocity": "eps_hat = (alpha v_hat - alpha' x) / (alpha sigma' - sigma alpha'), s = -eps_hat / sigma",
+}
+_RECIPE = "return VectorFieldProbe(...) or (model, dict(parameterization=..., process=..., sample_shape=...))"
+
+
+def detect(path: Any) -> bool:
+    """Always False: factories are reached by a ``module:factory`` reference, never by path."""
+    return False
+
+
+def load(
+    path: Any,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    **options: Any,
+) -> VectorFieldProbe:
+    """The adapter contract's entry point: ``path`` is the ``module:factory`` reference itself."""
+    if options:
+        raise UsageError(f"unknown option(s) {', '.join(sorted(options))} for a factory", "pass options to the factory itself")
+    return load_factory(str(path), device=device, dtype=dtype)
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"package.module:attr.path"`` → (module, attribute path)."""
+    module, sep, attr = str(spec).strip().partition(":")
+    if not sep or not module or not attr:
+        raise UsageError(f"{spec!r} is not a module:factory reference", "write package.module:function")
+    return module, attr
+
+
+def _import(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        top = module.partition(".")[0]
+        if err.name == top and cwd not in sys.path:
+            sys.path.append(cwd)
+            return _import(module)
+        raise ModelLoadError(
+            f"cannot import {module!r} ({type(err).__name__}: {err})",
+            "install the package, or run from (or put on PYTHONPATH) the folder that holds the module",
+        ) from err
+    except Exception as err:
+        raise ModelLoadError(
+            f"importing {module!r} failed ({type(err).__name__}: {err})",
+            "import the module directly to see the traceback",
+        ) from err
+
+
+def resolve_factory(spec: str) -> Callable[..., Any]:
+    """The callable a ``module:factory`` reference names (attribute paths like ``mod:Class.build`` work)."""
+    module_name, attr = split_spec(spec)
+    obj: Any = _import(module_name)
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelLoadError(f"module {module_name!r} has no attribute {attr!r}", "name a function defined in that module")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelLoadError(f"{spec} is a {type(obj).__name__}, not a callable factory", _RECIPE)
+    return obj
+
+
+def _call(factory: Callable[..., Any], spec: str, device: Any, dtype: torch.dtype) -> Any:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if k in params or var_kw}
+    try:
+        return factory(**kwargs)
+    except ConservcheckError:
+        raise
+    except Exception as err:
+        raise ModelLoadError(
+            f"factory {spec} raised {type(err).__name__}: {err}",
+            "call the factory directly to see the traceback",
+        ) from err
+
+
+def _time_convention(value: Any) -> TimeConvention:
+    if isinstance(value, TimeConvention):
+        return value
+    if isinstance(value, str) and value.lower() in TIME_CONVENTIONS:
+        return TIME_CONVENTIONS[value.lower()]()
+    raise UsageError(
+        f"unknown time_convention {value!r}",
+        f"pass a conservcheck.process.TimeConvention or one of {', '.join(TIME_CONVENTIONS)}",
+    )
+
+
+def from_declaration(
+    model: Callable[..., Any],
+    declaration: Mapping[str, Any],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    reference: str | None = None,
+) -> VectorFieldProbe:
+    """A probe for ``model(x, native_time)`` with the units a declaration dict gives (keys in the module docstring)."""
+    where = f" in the declaration of {reference}" if reference else ""
+    unknown = sorted(set(declaration) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(unknown)}{where}", f"accepted: {', '.join(REQUIRED + OPTIONAL)}")
+    missing = [k for k in REQUIRED if k not in declaration]
+    if missing:
+        raise UsageError(f"missing key(s) {', '.join(missing)}{where}", "declare parameterization, process and sample_shape")
+    proc = declaration["process"]
+    process = proc if isinstance(proc, Process) else get_process(str(proc))
+    param = canonical_name(str(declaration["parameterization"]))
+    time = _time_convention(declaration.get("time_convention", "canonical"))
+    data_range = tuple(declaration.get("data_range", (-1.0, 1.0)))
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    info = ProbeInfo(
+        name=str(declaration.get("name") or reference or type(model).__name__),
+        adapter=NAME,
+        reference=reference,
+        extra={
+            "factory": reference,
+            "native_time": time.to_dict(),
+            "output": param,
+            "data_range": list(data_range),
+            "conversion": CONVERSIONS[param],
+        },
+    )
+    return VectorFieldProbe(
+        model,
+        process=process,
+        sample_shape=tuple(declaration["sample_shape"]),
+        parameterization=param,
+        time_convention=time,
+        data_range=data_range,  # type: ignore[arg-type]
+        device=device,
+        dtype=dtype,
+        precision=declaration.get("precision"),
+        info=info,
+    )
+
+
+def load_factory(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> VectorFieldProbe:
+    """Import ``module``, call ``factory`` and return its probe (see the module docstring)."""
+    factory = resolve_factory(spec)
+    result = _call(factory, spec, device, dtype)
+    if isinstance(result, VectorFieldProbe):
+        result.info.extra.setdefault("factory", spec)
+        return result
+    if isinstance(result, tuple) and len(result) == 2 and callable(result[0]) and isinstance(result[1], Mapping):
+        return from_declaration(result[0], result[1], device=device, dtype=dtype, reference=spec)
+    raise ModelLoadError(f"factory {spec} returned a {type(result).__name__}, not a VectorFieldProbe or a (model, dict) pair", _RECIPE)

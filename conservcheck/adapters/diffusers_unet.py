@@ -1,0 +1,388 @@
+"""diffusers pixel-space models: a ``UNet2DModel`` plus the scheduler it was trained with.
+
+Two families, told apart by the scheduler's class in the saved config:
+
+* **DDPM** (``DDPMScheduler``, ``DDIMScheduler``, ``PNDMScheduler``; any beta schedule) — x_k = √ᾱ_k x0 +
+  √(1 − ᾱ_k) ε at the integer index k. The probe uses the paper's :class:`OUProcess` observed at
+  t_k = −½ log ᾱ_k (:class:`DiscreteSchedule` built from the scheduler's own ``alphas_cumprod``); the
+  UNet is fed k as a float tensor [B]. ``prediction_type`` epsilon / sample / v_prediction becomes the
+  parameterization epsilon / x0 / v: s = −ε̂/√(1−ᾱ_k), s = (√ᾱ_k x̂0 − x)/(1−ᾱ_k),
+  s = −x − √(ᾱ_k/(1−ᾱ_k)) v̂.
+* **NCSN++ VE** (``ScoreSdeVeScheduler``, e.g. google/ncsnpp-celebahq-256) — x_σ = x0 + σ ε. The UNet is
+  fed σ itself as a float tensor [B] (a Python float would be truncated to an integer inside
+  ``UNet2DModel.forward``); with ``time_embedding_type="fourier"`` it takes log σ internally and divides
+  its output by σ, so the output already is the score. Canonical time is σ (:class:`VEProcess`).
+
+Data range: [0, 1] when the UNet has ``center_input_sample`` (it maps [0, 1] to [−1, 1] itself), else
+[−1, 1].
+
+Hygiene applied to every loaded UNet (outputs unchanged): ``eval()``, parameters frozen, every
+``Attention`` module switched to the classic ``AttnProcessor`` (bmm + softmax; the default fused SDPA has
+no forward-mode AD on CPU and no double backward on CUDA's memory-efficient kernel), softmax up-casting
+disabled in float64 (it would round a float64 model's attention to float32), and GroupNorm inputs made
+contiguous (forward-mode AD otherwise fails on a non-contiguous tangent: "view size is not compatible").
+
+The adapter never runs code from the model folder: it builds ``UNet2DModel`` and the scheduler by name
+from diffusers, loads safetensors when present and pickled ``.bin`` weights only through
+``torch.load(weights_only=True)``; pickles that need more are loaded only with ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ModelLoadError, UsageError
+from ..probe import ProbeInfo, VectorFieldProbe
+from ..process import DiscreteSchedule, OUProcess, Process, TimeConvention, VEProcess
+from . import WeightsFiles, find_weights, hash_files
+
+NAME = "diffusers"
+
+DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
+VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
+SUPPORTED_SCHEDULERS = DDPM_SCHEDULERS + VE_SCHEDULERS
+
+_PARAMETERIZATION = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
+_CONVERSION = {
+    "epsilon": "s = -eps_hat / sqrt(1 - alpha_bar_k)",
+    "x0": "s = (sqrt(alpha_bar_k) x0_hat - x) / (1 - alpha_bar_k)",
+    "v": "s = -x - sqrt(alpha_bar_k / (1 - alpha_bar_k)) v_hat",
+}
+_OPTIONS = ("precision", "variant")
+
+
+def read_json(path: pathlib.Path) -> dict[str, Any] | None:
+    """A JSON object from a file, or None when the file is missing or not a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_flow_matching(config: dict[str, Any] | None) -> bool:
+    # flow-matching schedulers belong to the ``flow`` family
+    return bool(config) and str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
+@dataclass
+class Layout:
+    """Where a UNet's config/weights and its scheduler config live inside a model folder."""
+
+    root: pathlib.Path
+    unet_dir: pathlib.Path
+    scheduler_config: pathlib.Path | None
+
+
+def layout(path: pathlib.Path) -> Layout | None:
+    """The layout of a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet2DModel folder."""
+    if not path.is_dir():
+        return None
+    if (path / "model_index.json").is_file():
+        if not ((path / "unet").is_dir() and (path / "scheduler").is_dir()):
+            return None
+        return Layout(path, path / "unet", path / "scheduler" / "scheduler_config.json")
+    cfg = read_json(path / "config.json")
+    if not cfg or cfg.get("_class_name") != "UNet2DModel":
+        return None
+    for cand in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return Layout(path, path, cand)
+    return Layout(path, path, None)
+
+
+def detect(path: pathlib.Path) -> bool:
+    """A diffusers pipeline folder with a UNet and a scheduler but no autoencoder, or a bare UNet2DModel
+    folder — unless its scheduler is a flow-matching one."""
+    path = pathlib.Path(path)
+    lay = layout(path)
+    if lay is None or (path / "vae").is_dir() or (path / "vqvae").is_dir():
+        return False
+    return not (lay.scheduler_config and _is_flow_matching(read_json(lay.scheduler_config)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scheduler → units
+
+
+@dataclass
+class Units:
+    """What a scheduler config says about the UNet's units."""
+
+    process: Process
+    time_convention: TimeConvention
+    parameterization: str
+    family: str
+    learned_variance: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def scheduler_units(config: dict[str, Any], source: str = "the scheduler config") -> Units:
+    """Process, time convention and parameterization implied by a diffusers scheduler config.
+
+    The schedule is taken from the scheduler's own ``alphas_cumprod`` (built by diffusers from the
+    config: ``beta_schedule``, ``trained_betas``, ...), so every schedule diffusers knows is covered.
+    Raises :class:`ModelLoadError` for an unsupported scheduler class or prediction type.
+    """
+    import diffusers
+
+    name = str(config.get("_class_name"))
+    if name in VE_SCHEDULERS:
+        sched = getattr(diffusers, name).from_config(config)
+        smin, smax = float(sched.config.sigma_min), float(sched.config.sigma_max)
+        return Units(
+            VEProcess(), TimeConvention(), "score", "ncsnpp_ve", False,
+            {
+                "scheduler": name,
+                "native_time": "sigma (noise standard deviation), float tensor [B]",
+                "native_range": [smin, smax],
+                "output": "score (the UNet divides by sigma)",
+                "conversion": "s = out",
+            },
+        )
+    if name not in DDPM_SCHEDULERS:
+        raise ModelLoadError(
+            f"unsupported scheduler class {name!r} in {source}",
+            f"supported schedulers: {', '.join(SUPPORTED_SCHEDULERS)}; wrap other models with a 'module:factory' reference",
+        )
+    sched = getattr(diffusers, name).from_config(config)
+    pred = str(sched.config.prediction_type)
+    if pred not in _PARAMETERIZATION:
+        raise ModelLoadError(
+            f"unsupported prediction_type {pred!r} in {source}", "supported: epsilon, sample, v_prediction"
+        )
+    alphas_cumprod = sched.alphas_cumprod.to(torch.float64)
+    if not bool(alphas_cumprod[-1] > 0):
+        raise ModelLoadError(
+            f"the schedule in {source} reaches alpha_bar = 0 (zero terminal SNR)",
+            "use the checkpoint with its training schedule without rescale_betas_zero_snr",
+        )
+    schedule_name = "trained_betas" if sched.config.trained_betas is not None else str(sched.config.beta_schedule)
+    param = _PARAMETERIZATION[pred]
+    variance = str(getattr(sched.config, "variance_type", None) or "")
+    return Units(
+        OUProcess(), DiscreteSchedule(alphas_cumprod, name=schedule_name), param, "ddpm",
+        variance in ("learned", "learned_range"),
+        {
+            "scheduler": name,
+            "beta_schedule": schedule_name,
+            "num_train_timesteps": int(alphas_cumprod.numel()),
+            "prediction_type": pred,
+            "native_time": "DDPM index k (alpha_bar_k = prod_{i<=k} (1 - beta_i)), float tensor [B]",
+            "native_range": [0, int(alphas_cumprod.numel()) - 1],
+            "output": param,
+            "conversion": _CONVERSION[param],
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and hygiene
+
+
+def _contiguous_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+
+
+def prepare(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Make a diffusers model safe to differentiate: eval mode, frozen parameters, classic attention.
+
+    Sets ``AttnProcessor`` (bmm + softmax: forward-mode AD and double backward work) on every
+    ``Attention`` module, turns off float32 up-casting of attention in float64 models, and adds a
+    forward-pre-hook making GroupNorm inputs contiguous (forward-mode AD fails otherwise). Outputs are
+    unchanged up to the floating-point rounding of the attention kernel.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    model.eval()
+    model.requires_grad_(False)
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mod.set_processor(AttnProcessor())
+            if dtype == torch.float64:
+                mod.upcast_softmax = False
+                mod.upcast_attention = False
+        elif isinstance(mod, torch.nn.GroupNorm) and not getattr(mod, "_conservcheck_contiguous", False):
+            mod.register_forward_pre_hook(_contiguous_inputs)
+            mod._conservcheck_contiguous = True
+    return model
+
+
+def _needs_unpickling(err: BaseException) -> bool:
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def load_component(
+    cls: Any,
+    folder: pathlib.Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    variant: str | None = None,
+) -> tuple[torch.nn.Module, WeightsFiles, str]:
+    """Load a diffusers model class from a saved folder: (model, weights files, loader used).
+
+    safetensors when present; otherwise pickled ``.bin`` weights through diffusers, which reads them
+    with ``torch.load(weights_only=True)``. A pickle that needs arbitrary unpickling is refused unless
+    ``trust_remote_code`` is true, and is then read with ``torch.load(weights_only=False)`` into a model
+    built from the folder's config.
+    """
+    weights = find_weights(folder, variant=variant)
+    try:
+        model = cls.from_pretrained(
+            str(folder), use_safetensors=weights.use_safetensors, variant=variant, torch_dtype=dtype,
+            low_cpu_mem_usage=False,
+        )
+        return model, weights, "safetensors" if weights.use_safetensors else "torch.load(weights_only=True)"
+    except Exception as err:
+        if weights.use_safetensors or not _needs_unpickling(err):
+            raise ModelLoadError(
+                f"diffusers could not load {cls.__name__} from {folder} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''})",
+                "check that the folder is a complete saved diffusers model of that class",
+            ) from err
+        if not trust_remote_code:
+            raise ModelLoadError(
+                f"{weights.files[0].name} in {folder} needs arbitrary unpickling, which can run code",
+                "convert it to safetensors, or pass trust_remote_code=True if you trust its source",
+            ) from err
+    model = cls.from_config(cls.load_config(str(folder)))
+    state: dict[str, Tensor] = {}
+    for f in weights.files:
+        state.update(torch.load(f, map_location="cpu", weights_only=False))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ModelLoadError(
+            f"the weights in {folder} do not match its config ({str(err).splitlines()[0]})",
+            "re-save the model with save_pretrained",
+        ) from err
+    return model.to(dtype), weights, "torch.load(weights_only=False)"
+
+
+class UNetField(torch.nn.Module):
+    """``fn(x, native_time)`` for a ``UNet2DModel``: its ``sample`` output, without the variance channels
+    of a model that also predicts its variance (``variance_type`` learned / learned_range)."""
+
+    def __init__(self, unet: torch.nn.Module, channels: int | None = None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.channels = channels
+        self.eval()
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        out = self.unet(x, t, return_dict=False)[0]
+        return out if self.channels is None else out[:, : self.channels]
+
+
+def check_unconditional(unet_dir: pathlib.Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``unet_dir`` holds an unconditional ``UNet2DModel``: a text- or
+    class-conditional network has no single vector field without a choice of condition."""
+    cfg = read_json(unet_dir / "config.json") or {}
+    if cfg.get("_class_name") != "UNet2DModel":
+        raise ModelLoadError(
+            f"{unet_dir} holds a {cfg.get('_class_name')!r}, not an unconditional UNet2DModel",
+            "conditional (e.g. text-to-image) networks need a fixed condition: wrap them with a 'module:factory' reference",
+        )
+    if cfg.get("num_class_embeds") or cfg.get("class_embed_type"):
+        raise ModelLoadError(
+            f"{unet_dir} holds a class-conditional UNet2DModel",
+            "fix a class label in a wrapper and load it with a 'module:factory' reference",
+        )
+
+
+def sample_shape(config: Any) -> tuple[int, int, int]:
+    """(C, H, W) of one UNet input from its config (``sample_size`` int or pair)."""
+    size = config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(config.in_channels), int(h), int(w))
+
+
+def check_options(options: dict[str, Any], accepted: tuple[str, ...] = _OPTIONS) -> None:
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UsageError(f"unknown adapter option(s) {', '.join(unknown)}", f"accepted: {', '.join(accepted)}")
+
+
+def load(
+    path: pathlib.Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    **options: Any,
+) -> VectorFieldProbe:
+    """A probe for a diffusers pixel-space UNet2DModel folder (pipeline or bare UNet).
+
+    Options: ``precision`` (forward-pass mode, see :mod:`conservcheck.precision`), ``variant`` (weights
+    variant such as ``fp16``).
+    """
+    import diffusers
+
+    check_options(options)
+    path = pathlib.Path(path)
+    lay = layout(path)
+    if lay is None:
+        raise ModelLoadError(f"{path} is not a diffusers UNet2DModel folder", "expected model_index.json with unet/ and scheduler/, or a UNet2DModel config.json")
+    if lay.scheduler_config is None:
+        raise ModelLoadError(
+            f"{path} has no scheduler config: the noise schedule decides the model's units",
+            "add the training scheduler's scheduler_config.json beside config.json or in scheduler/",
+        )
+    sched_cfg = read_json(lay.scheduler_config)
+    if sched_cfg is None:
+        raise ModelLoadError(f"{lay.scheduler_config} is not a JSON object", "re-save the scheduler with save_pretrained")
+    units = scheduler_units(sched_cfg, str(lay.scheduler_config))
+    check_unconditional(lay.unet_dir)
+    unet, weights, loader = load_component(
+        diffusers.UNet2DModel, lay.unet_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+        variant=options.get("variant"),
+    )
+    unet = prepare(unet.to(device), dtype)
+    shape = sample_shape(unet.config)
+    channels = shape[0] if units.learned_variance and unet.config.out_channels == 2 * shape[0] else None
+    digest, per_file = hash_files(weights.files, lay.root)
+    data_range = (0.0, 1.0) if unet.config.center_input_sample else (-1.0, 1.0)
+    info = ProbeInfo(
+        name=path.name,
+        adapter=NAME,
+        reference=str(path),
+        weights_sha256=digest,
+        trust_remote_code=bool(trust_remote_code),
+        extra={
+            "family": units.family,
+            **units.extra,
+            "data_range": list(data_range),
+            "weights_files": per_file,
+            "weights_format": weights.format,
+            "weights_loader": loader,
+            "attention_processor": "AttnProcessor",
+            "diffusers_version": diffusers.__version__,
+        },
+    )
+    return VectorFieldProbe(
+        UNetField(unet, channels),
+        process=units.process,
+        sample_shape=shape,
+        parameterization=units.parameterization,
+        time_convention=units.time_convention,
+        data_range=data_range,
+        device=device,
+        dtype=dtype,
+        precision=options.get("precision"),
+        info=info,
+    )

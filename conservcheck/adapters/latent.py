@@ -1,0 +1,186 @@
+"""Latent diffusion: a diffusers pipeline whose UNet denoises an autoencoder's latents.
+
+A folder with ``model_index.json``, ``unet/`` (an unconditional ``UNet2DModel``), ``scheduler/`` and an
+autoencoder — ``vae/`` (``AutoencoderKL``) or ``vqvae/`` (``VQModel``, e.g. CompVis/ldm-celebahq-256).
+The probe lives in latent space: ``sample_shape`` is the UNet's input shape and the units follow the
+scheduler exactly as for pixel models (:mod:`conservcheck.adapters.diffusers_unet`).
+
+Where the scaling lives: the UNet sees *scaled* latents z = scaling_factor · (E(image) − shift_factor),
+with ``scaling_factor`` (and ``shift_factor``, None for most models) from the autoencoder's config, as the
+pipelines do (they decode with image = D(z / scaling_factor + shift_factor)). The probe's coordinates are
+these scaled latents; :meth:`LatentProbe.encode` maps images in [−1, 1] to clean scaled latents (the
+posterior mode for AutoencoderKL; the pre-quantisation latents for VQModel, which quantises inside
+``decode``), and :meth:`LatentProbe.decode` maps latents back to images. ``data_range`` is nominal
+(−1, 1): scaled latents have roughly unit variance but no fixed bounds; images have ``image_range``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ModelLoadError, UsageError
+from ..probe import ProbeInfo, VectorFieldProbe
+from . import hash_files
+from .diffusers_unet import (
+    UNetField,
+    check_options,
+    check_unconditional,
+    load_component,
+    prepare,
+    read_json,
+    sample_shape,
+    scheduler_units,
+)
+
+NAME = "latent"
+
+AUTOENCODERS = {"vae": "AutoencoderKL", "vqvae": "VQModel"}
+IMAGE_RANGE = (-1.0, 1.0)
+
+
+def _autoencoder_dir(path: pathlib.Path) -> pathlib.Path | None:
+    return next((path / d for d in AUTOENCODERS if (path / d).is_dir()), None)
+
+
+def detect(path: pathlib.Path) -> bool:
+    """A diffusers pipeline folder with unet/, scheduler/ and vae/ or vqvae/."""
+    path = pathlib.Path(path)
+    return (
+        path.is_dir()
+        and (path / "model_index.json").is_file()
+        and (path / "unet").is_dir()
+        and (path / "scheduler").is_dir()
+        and _autoencoder_dir(path) is not None
+    )
+
+
+class LatentProbe(VectorFieldProbe):
+    """A probe in a latent space, with the autoencoder that maps images to and from it.
+
+    ``encode(images)`` takes images [B, C, H, W] in ``image_range`` and returns clean scaled latents
+    [B, *sample_shape] (the x0 of an audit); ``decode(latents)`` is its inverse up to the autoencoder's
+    reconstruction error. Both run without gradients, ``batch_size`` images at a time.
+    """
+
+    def __init__(self, fn: Any, *, autoencoder: torch.nn.Module, kind: str, scaling_factor: float,
+                 shift_factor: float | None, **kwargs: Any) -> None:
+        super().__init__(fn, **kwargs)
+        self.autoencoder = autoencoder
+        self.kind = kind
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = None if shift_factor is None else float(shift_factor)
+        self.image_range = IMAGE_RANGE
+
+    def _chunks(self, x: Tensor, batch_size: int, fn: Any) -> Tensor:
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be positive, got {batch_size}", "pass batch_size >= 1")
+        with torch.no_grad():
+            return torch.cat([fn(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+    def encode(self, images: Tensor, batch_size: int = 16) -> Tensor:
+        """Images in [−1, 1] → clean latents scaling_factor · (E(x) − shift_factor)."""
+        ae = self.autoencoder
+        shift = self.shift_factor or 0.0
+
+        def one(x: Tensor) -> Tensor:
+            x = x.to(device=self.device, dtype=self.dtype)
+            z = ae.encode(x).latents if self.kind == "vq" else ae.encode(x).latent_dist.mode()
+            return (z - shift) * self.scaling_factor
+
+        return self._chunks(images, batch_size, one)
+
+    def decode(self, latents: Tensor, batch_size: int = 16) -> Tensor:
+        """Scaled latents → images D(z / scaling_factor + shift_factor), nominally in [−1, 1]."""
+        shift = self.shift_factor or 0.0
+
+        def one(z: Tensor) -> Tensor:
+            z = z.to(device=self.device, dtype=self.dtype) / self.scaling_factor + shift
+            return self.autoencoder.decode(z).sample
+
+        return self._chunks(latents, batch_size, one)
+
+
+def load(
+    path: pathlib.Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    **options: Any,
+) -> LatentProbe:
+    """A latent-space probe for a diffusers latent pipeline folder. Options: ``precision``, ``variant``."""
+    import diffusers
+
+    check_options(options)
+    path = pathlib.Path(path)
+    ae_dir = _autoencoder_dir(path)
+    if not detect(path) or ae_dir is None:
+        raise ModelLoadError(f"{path} is not a latent diffusion pipeline folder", "expected model_index.json, unet/, scheduler/ and vae/ or vqvae/")
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    sched_cfg = read_json(sched_file)
+    if sched_cfg is None:
+        raise ModelLoadError(f"{sched_file} is missing or not a JSON object", "re-save the scheduler with save_pretrained")
+    units = scheduler_units(sched_cfg, str(sched_file))
+    check_unconditional(path / "unet")
+    ae_cls_name = AUTOENCODERS[ae_dir.name]
+    found = (read_json(ae_dir / "config.json") or {}).get("_class_name")
+    if found != ae_cls_name:
+        raise ModelLoadError(f"{ae_dir} holds a {found!r}, expected {ae_cls_name}", "re-save the autoencoder with save_pretrained")
+
+    variant = options.get("variant")
+    unet, unet_w, loader = load_component(
+        diffusers.UNet2DModel, path / "unet", dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
+    )
+    ae, ae_w, ae_loader = load_component(
+        getattr(diffusers, ae_cls_name), ae_dir, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
+    )
+    unet = prepare(unet.to(device), dtype)
+    ae = prepare(ae.to(device), dtype)
+    shape = sample_shape(unet.config)
+    channels = shape[0] if units.learned_variance and unet.config.out_channels == 2 * shape[0] else None
+    scaling = float(ae.config.scaling_factor)
+    shift = getattr(ae.config, "shift_factor", None)
+    digest, per_file = hash_files(unet_w.files + ae_w.files, path)
+    info = ProbeInfo(
+        name=path.name,
+        adapter=NAME,
+        reference=str(path),
+        weights_sha256=digest,
+        trust_remote_code=bool(trust_remote_code),
+        extra={
+            "family": units.family,
+            **units.extra,
+            "latent": True,
+            "autoencoder": ae_cls_name,
+            "scaling_factor": scaling,
+            "shift_factor": shift,
+            "latent_coordinates": "z = scaling_factor * (E(image) - shift_factor)",
+            "image_range": list(IMAGE_RANGE),
+            "data_range": [-1.0, 1.0],
+            "weights_files": per_file,
+            "weights_format": unet_w.format if unet_w.format == ae_w.format else f"{unet_w.format}+{ae_w.format}",
+            "weights_loader": loader if loader == ae_loader else f"{loader}+{ae_loader}",
+            "attention_processor": "AttnProcessor",
+            "diffusers_version": diffusers.__version__,
+        },
+    )
+    return LatentProbe(
+        UNetField(unet, channels),
+        autoencoder=ae,
+        kind="vq" if ae_cls_name == "VQModel" else "kl",
+        scaling_factor=scaling,
+        shift_factor=shift,
+        process=units.process,
+        sample_shape=shape,
+        parameterization=units.parameterization,
+        time_convention=units.time_convention,
+        data_range=(-1.0, 1.0),
+        device=device,
+        dtype=dtype,
+        precision=options.get("precision"),
+        info=info,
+    )

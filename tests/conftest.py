@@ -1,0 +1,208 @@
+"""Shared fixtures: tiny diffusers models built with the real classes and saved with ``save_pretrained``.
+
+Pixel DDPM UNets are shaped like google/ddpm-cifar10-32's (Down, AttnDown, Down, Down blocks; positional
+time embedding with freq_shift 1, flip_sin_to_cos false) and NCSN++ UNets like
+google/ncsnpp-celebahq-256's (Skip blocks, Fourier time embedding, center_input_sample), both shrunk to
+8×8 or 16×16 images and 1–5·10⁵ parameters. Weights are random (seeded): the checks compare conversions,
+not sample quality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+
+def tiny_ddpm_unet(seed: int = 0, sample_size: int = 16, in_channels: int = 3, out_channels: int | None = None):
+    """A UNet2DModel shaped like google/ddpm-cifar10-32's, with 8–16 channels."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels or in_channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16, 16, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+    )
+
+
+def tiny_ncsnpp_unet(seed: int = 0):
+    """A UNet2DModel shaped like google/ncsnpp-celebahq-256's: Skip blocks, Fourier σ embedding, 8×8."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 32),  # Skip blocks' attention uses 32 groups
+        norm_num_groups=None,
+        center_input_sample=True,
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"),
+        attention_head_dim=None,
+        downsample_padding=1,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        norm_eps=1e-6,
+        time_embedding_type="fourier",
+        mid_block_scale_factor=2**0.5,
+    )
+
+
+@pytest.fixture(scope="session")
+def ddpm_folder(tmp_path_factory):
+    """Factory: ``ddpm_folder(beta_schedule, prediction_type, **scheduler_kw)`` → a saved DDPMPipeline folder.
+
+    The scheduler is DDPMScheduler with clip_sample=False (the probe's x̂0 is unclipped); folders are
+    cached per argument set for the session.
+    """
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    made: dict[tuple, pathlib.Path] = {}
+
+    def make(beta_schedule: str = "linear", prediction_type: str = "epsilon", seed: int = 0, **kw) -> pathlib.Path:
+        key = (beta_schedule, prediction_type, seed, tuple(sorted(kw.items())))
+        if key not in made:
+            out_channels = 6 if kw.get("variance_type") in ("learned", "learned_range") else None
+            sched = DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=False, **kw)
+            folder = tmp_path_factory.mktemp(f"ddpm-{beta_schedule}-{prediction_type}")
+            DDPMPipeline(unet=tiny_ddpm_unet(seed, out_channels=out_channels), scheduler=sched).save_pretrained(folder)
+            made[key] = folder
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ncsnpp_folder(tmp_path_factory) -> pathlib.Path:
+    """A saved ScoreSdeVePipeline folder (tiny NCSN++ UNet, ScoreSdeVeScheduler σ ∈ [0.01, 50])."""
+    from diffusers import ScoreSdeVePipeline, ScoreSdeVeScheduler
+
+    folder = tmp_path_factory.mktemp("ncsnpp")
+    sched = ScoreSdeVeScheduler(num_train_timesteps=2000, sigma_min=0.01, sigma_max=50.0, snr=0.15)
+    ScoreSdeVePipeline(unet=tiny_ncsnpp_unet(), scheduler=sched).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def latent_folder(tmp_path_factory):
+    """Factory: ``latent_folder("vq" | "kl")`` → a saved latent pipeline folder.
+
+    ``vq``: LDMPipeline (VQModel 16×16 images → 3×8×8 latents, UNet2DModel, DDIMScheduler), as
+    CompVis/ldm-celebahq-256. ``kl``: AutoencoderKL (4×8×8 latents) in ``vae/`` with a UNet2DModel and a
+    DDPMScheduler, components saved one by one beside a hand-written model_index.json. Both autoencoders
+    use scaling_factor 0.5 so a missing or doubled scaling shows.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, LDMPipeline, VQModel
+
+    made: dict[str, pathlib.Path] = {}
+    blocks = dict(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
+
+    def unet(channels: int):
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(1)
+        return UNet2DModel(
+            sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1,
+            block_out_channels=(8, 16, 16), norm_num_groups=4,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=None, freq_shift=1, flip_sin_to_cos=False,
+        )
+
+    def make(kind: str = "vq") -> pathlib.Path:
+        if kind in made:
+            return made[kind]
+        folder = tmp_path_factory.mktemp(f"latent-{kind}")
+        torch.manual_seed(2)
+        if kind == "vq":
+            vq = VQModel(latent_channels=3, vq_embed_dim=3, num_vq_embeddings=64, **blocks)
+            sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+            LDMPipeline(vqvae=vq, unet=unet(3), scheduler=sched).save_pretrained(folder)
+        else:
+            vae = AutoencoderKL(latent_channels=4, **blocks)
+            vae.save_pretrained(folder / "vae")
+            unet(4).save_pretrained(folder / "unet")
+            DDPMScheduler(beta_schedule="scaled_linear", clip_sample=False).save_pretrained(folder / "scheduler")
+            index = {
+                "_class_name": "DiffusionPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+            }
+            (folder / "model_index.json").write_text(json.dumps(index))
+        made[kind] = folder
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    """Factory: ``hub_cache(repo_id, source, commit, refs=("main",))`` → cache dir (tmp_path / "hub").
+
+    Writes the Hugging Face cache layout huggingface_hub itself produces:
+    ``models--owner--name/blobs/<sha256>`` holding each file's bytes, ``snapshots/<commit>/<path>``
+    symbolic links to those blobs (plain copies where the platform has no symlinks) and
+    ``refs/<ref>`` files holding the commit hash.
+    """
+    cache = tmp_path / "hub"
+
+    def add(repo_id: str, source: pathlib.Path, commit: str, refs: tuple[str, ...] = ("main",)) -> pathlib.Path:
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        blobs, snap = repo / "blobs", repo / "snapshots" / commit
+        blobs.mkdir(parents=True, exist_ok=True)
+        for src in sorted(p for p in source.rglob("*") if p.is_file()):
+            data = src.read_bytes()
+            blob = blobs / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            dst = snap / src.relative_to(source)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.symlink(os.path.relpath(blob, dst.parent), dst)
+            except OSError:
+                shutil.copyfile(blob, dst)
+        for ref in refs:
+            (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+            (repo / "refs" / ref).write_text(commit)
+        return cache
+
+    return add
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tests on one intra-op thread, then restore the setting.
+
+    Tiny models gain nothing from threads, and on a shared CPU thread hand-offs cost more than the
+    work (a 16×16 UNet call: ~25 ms on one thread, ~1 s on two contended ones).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
