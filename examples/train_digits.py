@@ -1,0 +1,195 @@
+"""Train the embedded ``digits`` model: a small DDPM on scikit-learn's handwritten digits at 16×16.
+
+The data are the 1,797 8×8 digits shipped with scikit-learn (``sklearn.datasets.load_digits``, no
+download), grey levels 0…16 scaled to [0, 1], upsampled bilinearly to 16×16 and mapped to [−1, 1]. The
+model is a diffusers ``UNet2DModel`` (one input channel; channels 16/32/64 at 16×16/8×8/4×4; the 8×8
+level is an ``AttnDownBlock2D``/``AttnUpBlock2D`` pair, and the 4×4 middle block has attention too;
+GroupNorm with 8 groups) trained with DDPM's ε-prediction loss ‖ε̂(x_k, k) − ε‖² under DDPMScheduler's
+linear β schedule 1e-4 → 0.02, T = 1000 (Ho et al. 2020). The weights saved are an exponential moving
+average of the trained ones. The result is a ``DDPMPipeline`` folder (safetensors), loadable by
+``conservcheck.adapters.diffusers_unet`` and shipped as ``conservcheck/assets/digits-ddpm``.
+
+Deterministic on CPU for a given seed, thread count and torch version (the default run uses one thread).
+A sample grid from the trained model (1,000 ancestral DDPM steps) is written to ``--samples`` (a
+temporary folder by default).
+
+    python examples/train_digits.py                       # writes conservcheck/assets/digits-ddpm
+    python examples/train_digits.py --steps 500 --out /tmp/digits-quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import pathlib
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "conservcheck" / "assets" / "digits-ddpm"
+
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    layers_per_block=1,
+    block_out_channels=(16, 32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+    attention_head_dim=8,
+)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=1e-4,
+    beta_end=0.02,
+    prediction_type="epsilon",
+    clip_sample=True,
+    variance_type="fixed_small",
+)
+
+
+def digits_16() -> torch.Tensor:
+    """The scikit-learn digits as float32 images [1797, 1, 16, 16] in [−1, 1]."""
+    from sklearn.datasets import load_digits
+
+    images = torch.as_tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
+    up = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+    return (2.0 * up - 1.0).clamp(-1.0, 1.0)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train(args: argparse.Namespace) -> dict:
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)
+    data = digits_16()
+    unet = UNet2DModel(**UNET_CONFIG)
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    sqrt_ab = scheduler.alphas_cumprod.sqrt()
+    sqrt_1m_ab = (1 - scheduler.alphas_cumprod).sqrt()
+    gen = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(data), generator=gen)
+    cursor, losses, log = 0, [], []
+    start = time.perf_counter()
+    for step in range(args.steps):
+        if cursor + args.batch_size > len(data):
+            order, cursor = torch.randperm(len(data), generator=gen), 0
+        x0 = data[order[cursor : cursor + args.batch_size]]
+        cursor += args.batch_size
+        k = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        xk = sqrt_ab[k].view(-1, 1, 1, 1) * x0 + sqrt_1m_ab[k].view(-1, 1, 1, 1) * eps
+        loss = F.mse_loss(unet(xk, k).sample, eps)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            mean = float(np.mean(losses[-args.log_every :]))
+            log.append({"step": step + 1, "loss": mean, "seconds": round(time.perf_counter() - start, 1)})
+            print(f"step {step + 1:5d}  loss {mean:.4f}  {time.perf_counter() - start:7.1f} s", flush=True)
+    train_seconds = time.perf_counter() - start
+    final_loss = evaluate_loss(ema, data, sqrt_ab, sqrt_1m_ab, args.seed)
+    print(f"EMA model: ε-loss on all digits, 8 noise draws each: {final_loss:.4f}", flush=True)
+
+    out = pathlib.Path(args.out)
+    pipe = DDPMPipeline(unet=ema, scheduler=scheduler)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    record = {
+        "script": "examples/train_digits.py",
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "samples")},
+        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+        "parameters": sum(p.numel() for p in ema.parameters()),
+        "scheduler": SCHEDULER_CONFIG,
+        "data": "sklearn load_digits, 1797 images, /16, bilinear 8x8 -> 16x16, mapped to [-1, 1]",
+        "train_loss_log": log,
+        "final_train_loss": log[-1]["loss"],
+        "ema_eval_loss": final_loss,
+        "train_seconds": round(train_seconds, 1),
+        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+                     "python": platform.python_version()},
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    if args.samples:
+        write_samples(pipe, pathlib.Path(args.samples), args.seed)
+    return record
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1m_ab: torch.Tensor,
+                  seed: int, draws: int = 8) -> float:
+    """Mean ε-prediction MSE over all images × ``draws`` (k, ε) pairs, k uniform on 0…T−1."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    total = 0.0
+    for _ in range(draws):
+        k = torch.randint(0, len(sqrt_ab), (len(data),), generator=gen)
+        eps = torch.randn(data.shape, generator=gen)
+        xk = sqrt_ab[k].view(-1, 1, 1, 1) * data + sqrt_1m_ab[k].view(-1, 1, 1, 1) * eps
+        for i in range(0, len(data), 256):
+            total += F.mse_loss(model(xk[i : i + 256], k[i : i + 256]).sample, eps[i : i + 256], reduction="sum").item()
+    return total / (draws * data.numel())
+
+
+def save_grid(images: np.ndarray, path: pathlib.Path) -> None:
+    """64 grey images [64, 16, 16] in [0, 1] as an 8×8 grid PNG, upscaled ×4."""
+    from PIL import Image
+
+    # one dark-grey pixel between tiles: the digits fill their frames and would otherwise touch
+    tiles = np.pad(images, ((0, 0), (1, 0), (1, 0)), constant_values=0.25).reshape(8, 8, 17, 17)
+    grid = np.pad(tiles.transpose(0, 2, 1, 3).reshape(136, 136), ((0, 1), (0, 1)), constant_values=0.25)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid * 255).round().astype(np.uint8)).resize((548, 548), Image.NEAREST).save(path)
+
+
+def write_samples(pipe, path: pathlib.Path, seed: int) -> None:
+    """An 8×8 grid of ancestral DDPM samples (1,000 steps) as a PNG."""
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=64, generator=torch.Generator().manual_seed(seed), output_type="np").images[..., 0]
+    save_grid(images, path)
+    print(f"samples written to {path}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="pipeline folder to write")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--samples", default=str(pathlib.Path(tempfile.gettempdir()) / "conservcheck-digits.png"),
+                        help="PNG of 64 samples ('' for none)")
+    train(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
