@@ -1,0 +1,471 @@
+"""The ``conservcheck`` command: audit, plot, compare, gate and transport.
+
+A thin layer over the API: ``conservcheck audit`` has one flag per option of
+:data:`conservcheck.defaults.OPTIONS` (built from that table) and calls
+:func:`conservcheck.audit.audit`. Tables and the verdict go to stdout (to stderr when ``--json -`` or
+``--csv -`` put data on stdout); logs and the progress bar go to stderr. Every user mistake prints one
+line ``error: …`` and exits with code 2; a ``--fail-if`` condition that holds exits with 1; Ctrl-C exits
+with 130 after saying how to resume. typer and rich are imported here only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from . import __version__
+from .defaults import OPTIONS
+from .errors import ConservcheckError, UsageError
+
+log = logging.getLogger("conservcheck")
+
+#: Per diagnostic (or diagnostic/variant): the metric shown with full statistics, and one more shown by its
+#: median (the quantity the paper's figures plot).
+TABLES: dict[str, tuple[str, str]] = {
+    "loop": ("abs_circulation_ratio", "abs_circulation"),
+    "curl/subjacobian": ("curl_rel_fro", "curl_mean_abs"),
+    "curl/hutchinson": ("rel_asym", "asym_fro2"),
+    "stein": ("stein", "rel_err_norm"),
+}
+
+
+def _error(message: str) -> None:
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """The command-line parser's exception base classes (typer ≥ 0.20 vendors click; older typer uses it)."""
+    found: list[type[Exception]] = [e for e in (getattr(typer, "TyperException", None),) if e is not None]
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+class _Group(TyperGroup):
+    """Turns every usage mistake into one ``error: …`` line with exit code 2 (never a traceback)."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "conservcheck", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except _click_errors() as err:
+            if type(err).__name__ == "NoArgsIsHelpError" and getattr(err, "ctx", None) is not None:
+                typer.echo(err.ctx.get_help(), err=True)  # type: ignore[attr-defined]
+            else:
+                _error(err.format_message())  # type: ignore[attr-defined]
+            sys.exit(getattr(err, "exit_code", 2))
+        except typer.Abort:
+            _error("aborted")
+            sys.exit(130)
+        except ConservcheckError as err:
+            _error(str(err))
+            sys.exit(err.exit_code)
+        except OSError as err:  # a file that cannot be read or written: the user's environment, not a bug
+            _error(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+            sys.exit(2)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_Group, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=True,
+    help="Has your diffusion model really learned a score function? Loop integrals, curl and Stein diagnostics.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"conservcheck {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """conservcheck: is a diffusion model's vector field a score (a conservative field)?"""
+
+
+# ------------------------------------------------------------------------------------------- plumbing
+
+
+@contextmanager
+def _logging(quiet: bool) -> Iterator[Console]:
+    """Logs to stderr (through rich when stderr is a terminal); yields the stderr console."""
+    err = Console(stderr=True)
+    if err.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("conservcheck: %(message)s"))
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield err
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+@contextmanager
+def _progress(err: Console, enabled: bool) -> Iterator[Any]:
+    """A progress callback drawing one bar with ETA on stderr; None when stderr is not a terminal."""
+    if not (enabled and err.is_terminal):
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("audit", total=None)
+
+        def update(done: float, total: float, description: str) -> None:
+            bar.update(task, completed=done, total=total, description=description)
+
+        yield update
+
+
+def _out_console(data_on_stdout: bool) -> Console:
+    stream = sys.stderr if data_on_stdout else sys.stdout
+    return Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _tables(report: Any, width: int) -> list[Table]:
+    """One table per (diagnostic, variant): rows are time points, columns the statistics.
+
+    Below 140 columns of terminal the mean and its confidence interval are left out, below 100 also the
+    second metric; the JSON and CSV reports always hold everything.
+    """
+    from .report import headline_metric
+
+    summary = report.summary()
+    checks = {(c["diagnostic"], c["variant"], c["time_key"]): c for c in report.verdict.checks}
+    out = []
+    groups = summary[["diagnostic", "variant"]].drop_duplicates().itertuples(index=False)
+    for diag, variant in groups:
+        main, extra = TABLES.get(f"{diag}/{variant}", TABLES.get(diag, (headline_metric(diag, variant), None)))
+        rows = summary[(summary["diagnostic"] == diag) & (summary["variant"] == variant)]
+        if main not in set(rows["metric"]):
+            main = next(iter(rows["metric"].dropna()), None)
+        if main is None:
+            continue
+        extra = extra if width >= 100 else None
+        graded = headline_metric(diag, variant) == main
+        columns: list[tuple[str, Any]] = [
+            ("time", lambda r, c: report.time_label(r["time_key"])),
+            ("σ", lambda r, c: _fmt(float(r["sigma"]))),
+            ("median", lambda r, c: _fmt(r["median"])),
+            ("q25 – q75", lambda r, c: f"{_fmt(r['q25'])} – {_fmt(r['q75'])}"),
+        ]
+        if width >= 140:
+            columns += [("mean", lambda r, c: _fmt(r["mean"])),
+                        ("95% CI of mean", lambda r, c: f"{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}")]
+        columns.append(("n", lambda r, c: _fmt(r["n"] if r["status"] == "ok" else None)))
+        if extra:
+            def extra_median(r: Any, c: Any, metric: str = extra) -> str:
+                e = rows[(rows["metric"] == metric) & (rows["time_key"] == r["time_key"])]["median"]
+                return _fmt(float(e.iloc[0])) if len(e) else "—"
+
+            columns.append((f"{extra} median", extra_median))
+        if graded:
+            columns += [("floor", lambda r, c: _fmt(c.get("floor"))), ("check", lambda r, c: c.get("status", r["status"]))]
+        title = f"{diag} · {variant} — {main}"
+        table = Table(title=title, title_justify="left", min_width=len(title), box=box.SIMPLE_HEAD)
+        for name, _ in columns:
+            table.add_column(name, justify="left" if name == "check" else "right", no_wrap=True)
+        for _, r in rows[rows["metric"] == main].iterrows():
+            c = checks.get((diag, variant, r["time_key"]), {})
+            table.add_row(*[cell(r, c) for _, cell in columns])
+        out.append(table)
+    return out
+
+
+def _describe(report: Any) -> list[str]:
+    m, opts, src = report.header["model"], report.header["options"], report.header.get("data_source", {})
+    name = m.get("reference") or m.get("name")
+    lines = [f"model {name} ({m.get('adapter')}, {m.get('parameterization')} → score, {m['process']['name']} process) "
+             f"on {report.header['environment']['device']}, precision {m.get('precision')}"]
+    if src.get("kind") == "model":
+        lines.append(f"x0: {src.get('n')} samples drawn from the model (deterministic DPM-Solver++(2M), {src.get('steps')} steps)")
+    elif src.get("path"):
+        lines.append(f"x0: {src.get('n')} samples from {src['path']} ({src.get('mapping')})")
+    if opts.get("cpu_scaled"):
+        lines.append(f"CPU-scaled defaults: {opts['n_samples']} samples per time point, {opts['n_points']} nodes per loop "
+                     "(the paper: 256 and 1000; set --samples / --points)")
+    return lines
+
+
+def _line(console: Console, text: str) -> None:
+    """One unwrapped line of plain text (verdicts and gate results stay greppable)."""
+    console.print(text, markup=False, soft_wrap=True)
+
+
+def _show(report: Any, console: Console) -> None:
+    for line in _describe(report):
+        _line(console, line)
+    for table in _tables(report, console.width):
+        console.print(table)
+    for p in report.header.get("problems", []):
+        _line(console, f"problem: {p}")
+    _line(console, f"verdict: {report.verdict}")
+
+
+def _writable(*paths: Optional[str]) -> None:
+    """Refuse output paths that cannot be written before any work is spent."""
+    for p in paths:
+        if not p or p == "-":
+            continue
+        folder = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(folder):
+            raise UsageError(f"cannot write {p}: folder {folder} does not exist", "create it or choose another path")
+        if not os.access(folder, os.W_OK) or os.path.isdir(p):
+            raise UsageError(f"cannot write {p}", "choose a writable file path")
+
+
+def _gates(texts: list[str]) -> list[Any]:
+    from .gate import parse
+
+    return [parse(t) for t in texts]
+
+
+def _apply_gates(exprs: list[Any], report: Any, junit: Optional[str], console: Console) -> int:
+    from .gate import evaluate, write_junit
+
+    results = [evaluate(e, report) for e in exprs]
+    for r in results:
+        _line(console, f"gate {'FAIL' if r.holds else 'ok'}: {r.expression.text}")
+        for d in r.details[:10]:
+            _line(console, f"  {d}")
+    if junit:
+        write_junit(junit, results, report)
+    return 1 if any(r.holds for r in results) else 0
+
+
+# ---------------------------------------------------------------------------------------------- audit
+
+
+def _run_audit(model: str, json_path: Optional[str], csv_path: Optional[str], junit: Optional[str],
+               fail_if: List[str], quiet: bool, **options: Any) -> None:
+    from .audit import AuditInterrupted, audit
+
+    exprs = _gates(fail_if or [])
+    if json_path == "-" and csv_path == "-":
+        raise UsageError("--json - and --csv - would both write to stdout", "write one of them to a file")
+    if junit and not exprs:
+        raise UsageError("--junit needs at least one --fail-if condition", "add --fail-if 'verdict != pass'")
+    _writable(json_path, csv_path, junit)
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    console = _out_console(json_path == "-" or csv_path == "-")
+    with _logging(quiet) as err:
+        try:
+            with _progress(err, not quiet) as progress:
+                report = audit(model, progress=progress, **given)
+        except AuditInterrupted as stop:
+            _error(f"interrupted; {stop.n_done} finished units are saved — resume with --resume {stop.partial_path}")
+            raise typer.Exit(130)
+        except KeyboardInterrupt:
+            _error("interrupted before any unit finished")
+            raise typer.Exit(130)
+    if json_path:
+        report.to_json(json_path)
+    if csv_path:
+        report.to_csv(csv_path)
+    _show(report, console)
+    code = _apply_gates(exprs, report, junit, console) if exprs else 0
+    raise typer.Exit(code)
+
+
+def _audit_signature() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str, default=typer.Argument(
+            "embedded:digits", metavar="MODEL", show_default=True,
+            help="Model: embedded:<name>, a hub id owner/name[@rev], a local folder or file, or module:factory.")),
+    ]
+    for o in OPTIONS:
+        shown = o.shown if o.shown is not None else (o.default if o.default is not None else "off")
+        if o.is_flag:
+            params.append(inspect.Parameter(o.name, kw, annotation=bool, default=typer.Option(False, o.flag, help=o.help)))
+        else:
+            params.append(inspect.Parameter(o.name, kw, annotation=Optional[str], default=typer.Option(
+                None, o.flag, help=f"{o.help} [default: {shown}]", metavar=o.metavar, show_default=False)))
+    params += [
+        inspect.Parameter("json_path", kw, annotation=Optional[str], default=typer.Option(
+            None, "--json", metavar="PATH|-", help="Write the JSON report (- for stdout).")),
+        inspect.Parameter("csv_path", kw, annotation=Optional[str], default=typer.Option(
+            None, "--csv", metavar="PATH|-", help="Write the summary table as CSV (- for stdout).")),
+        inspect.Parameter("junit", kw, annotation=Optional[str], default=typer.Option(
+            None, "--junit", metavar="PATH", help="Write the --fail-if results as JUnit XML.")),
+        inspect.Parameter("fail_if", kw, annotation=List[str], default=typer.Option(
+            [], "--fail-if", metavar="EXPR", help="Exit with 1 when this condition holds (repeatable; grammar in docs/cli.md).")),
+        inspect.Parameter("quiet", kw, annotation=bool, default=typer.Option(
+            False, "--quiet", "-q", help="No logs and no progress bar.")),
+    ]
+    return params
+
+
+def _audit_command(**kwargs: Any) -> None:
+    """Audit a model: loop integrals, curl and Stein diagnostics at several time points.
+
+    Prints one table per diagnostic (rows: time points; columns: statistics) and a one-line verdict.
+    Exit codes: 0 done, 1 a --fail-if condition holds, 2 usage error, 130 interrupted.
+    """
+    _run_audit(**kwargs)
+
+
+_audit_command.__signature__ = inspect.Signature(_audit_signature())  # type: ignore[attr-defined]
+_audit_command.__annotations__ = {p.name: p.annotation for p in _audit_signature()}
+app.command("audit")(_audit_command)
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def _read(path: str) -> Any:
+    from .report import AuditReport
+
+    return AuditReport.from_json(path)
+
+
+@app.command("plot")
+def plot(
+    report: str = typer.Argument(..., metavar="REPORT", help="A JSON report written with --json."),
+    out: str = typer.Option("figures", "--out", help="Folder for the figures."),
+    fmt: str = typer.Option("png", "--format", help="png or svg."),
+) -> None:
+    """Draw the paper's figures from a report: each metric vs time per loop type, and box plots."""
+    from .plots import plot_report
+
+    if fmt not in ("png", "svg"):
+        raise UsageError(f"--format: expected png or svg, got {fmt!r}", "use --format png or --format svg")
+    for path in plot_report(_read(report), out, fmt):
+        typer.echo(str(path))
+
+
+@app.command("compare")
+def compare_cmd(
+    a: str = typer.Argument(..., metavar="A", help="First JSON report."),
+    b: str = typer.Argument(..., metavar="B", help="Second JSON report."),
+    metric: List[str] = typer.Option([], "--metric", help="Metric columns to compare (default: the headline metrics)."),
+) -> None:
+    """Two reports side by side: medians per time point and their ratio B/A."""
+    from .report import compare
+
+    ra, rb = _read(a), _read(b)
+    frame = compare(ra, rb, metric or None)
+    console = _out_console(False)
+    if frame.empty:
+        raise UsageError("the two reports share no metric to compare", "pass --metric with a column both contain")
+    for (diag, variant, m), rows in frame.groupby(["diagnostic", "variant", "metric"], sort=False):
+        title = f"{diag} · {variant} — {m} (median)"
+        table = Table(title=title, title_justify="left", min_width=len(title), box=box.SIMPLE_HEAD)
+        for name in ("time", "A", "B", "B / A"):
+            table.add_column(name, justify="right")
+        for _, r in rows.iterrows():
+            label = f"k={r['time_index']}" if not _isna(r["time_index"]) else f"t={r['t']:.4g}"
+            table.add_row(label, _fmt(r["median_a"]), _fmt(r["median_b"]), _fmt(r["ratio"]))
+        console.print(table)
+    _line(console, f"A {a}: verdict {ra.verdict}")
+    _line(console, f"B {b}: verdict {rb.verdict}")
+
+
+def _isna(v: Any) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(v))
+
+
+@app.command("gate")
+def gate_cmd(
+    report: str = typer.Argument(..., metavar="REPORT", help="A JSON report written with --json."),
+    fail_if: List[str] = typer.Option(..., "--fail-if", metavar="EXPR", help="Condition (repeatable)."),
+    junit: Optional[str] = typer.Option(None, "--junit", metavar="PATH", help="Write JUnit XML."),
+) -> None:
+    """Check --fail-if conditions on an existing report (exit 1 when one holds)."""
+    exprs = _gates(fail_if)
+    _writable(junit)
+    rep = _read(report)
+    console = _out_console(False)
+    _line(console, f"verdict: {rep.verdict}")
+    raise typer.Exit(_apply_gates(exprs, rep, junit, console))
+
+
+@app.command("transport")
+def transport_cmd(
+    model: str = typer.Argument("embedded:digits", metavar="MODEL", help="Model reference."),
+    reference: str = typer.Option(..., "--reference", help="Reference score (see docs: Stein references)."),
+    samples: int = typer.Option(256, "--samples", min=1, help="Samples integrated with each field."),
+    seed: int = typer.Option(0, "--seed", min=0),
+    t_start: Optional[float] = typer.Option(None, "--t-start", help="Canonical start time (noisy end)."),
+    t_end: Optional[float] = typer.Option(None, "--t-end", help="Canonical end time (clean end)."),
+    steps: int = typer.Option(100, "--steps", min=2, help="Integration steps."),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("fp32", "--precision"),
+    revision: Optional[str] = typer.Option(None, "--revision"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    json_path: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help="Write the result as JSON."),
+) -> None:
+    """Integrate the probability flow with the model and with the reference from the same noise; compare."""
+    import json
+
+    from .audit import _load_model
+    from .defaults import resolve_options
+    from .diagnostics.transport import transport_check
+    from .reference import resolve_reference
+    from .report import write_atomic
+
+    opts = resolve_options({"device": device, "precision": precision, "revision": revision, "cache_dir": cache_dir,
+                            "trust_remote_code": trust_remote_code})
+    probe = _load_model(model, opts, {"device", "precision", "revision", "trust_remote_code"})
+    ref = resolve_reference(reference, probe)
+    kw = {k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None}
+    result = transport_check(probe, ref, n_samples=samples, seed=seed, n_steps=steps, **kw)
+    data = {"model": probe.describe(), **result.to_dict()}
+    text = json.dumps(data, indent=1, default=str, allow_nan=False) + "\n" if json_path else ""
+    if json_path == "-":
+        sys.stdout.write(text)
+    elif json_path:
+        write_atomic(json_path, text)
+    console = _out_console(json_path == "-")
+    title = f"transport check — {model} vs {reference}"
+    table = Table(title=title, title_justify="left", min_width=len(title), box=box.SIMPLE_HEAD)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for k, v in data.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            table.add_row(str(k), _fmt(v))
+    console.print(table)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of the ``conservcheck`` command."""
+    typer.main.get_command(app).main(args=argv, prog_name="conservcheck")
+
+
+if __name__ == "__main__":
+    main()

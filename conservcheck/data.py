@@ -1,0 +1,276 @@
+"""Clean samples x0 from the user's data, in the probe's data coordinates and sample shape.
+
+``--data`` accepts
+
+* a folder of images (png, jpg, bmp, gif, webp, tif; searched recursively, so class sub-folders work);
+* an array file: ``.npy``, ``.npz`` or ``.pt``/``.pth`` (a tensor, or a dict / npz archive holding one
+  array — name it with ``file.npz#key`` when there are several);
+* a table file read with pandas — ``.parquet``, ``.csv``, ``.tsv``, ``.json``, ``.jsonl`` — local or on the
+  Hugging Face Hub (``hf://datasets/<owner>/<name>/<file>``); one image column (encoded image bytes, as
+  in the Hub's image datasets) or one numeric column per component (a ``label``/``target`` column is
+  ignored); choose a column with ``file.parquet#column``.
+
+Values: 8-bit data (uint8 arrays, image files, integer tables within 0 … 255) is mapped linearly from
+[0, 255] onto the probe's ``data_range``; floating-point arrays and tables are taken as already in the
+model's data coordinates and must lie inside ``data_range``. Layouts [N, *sample_shape],
+channels-last images [N, H, W, C], single-channel [N, H, W] and flat [N, D] are accepted; images of
+another size are resized (antialiased bilinear) to the probe's height and width.
+
+When the source holds more than n samples, a seeded random subset (stream (seed, "data")) is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import rng
+from .errors import UsageError
+from .probe import VectorFieldProbe
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ARRAY_SUFFIXES = {".npy", ".npz", ".pt", ".pth"}
+TABLE_SUFFIXES = {".parquet", ".csv", ".tsv", ".json", ".jsonl"}
+LABEL_COLUMNS = {"label", "labels", "target", "targets", "class", "y"}
+HINT = "pass a folder of images, an .npy/.npz/.pt array, or a .parquet/.csv/.jsonl table (local or hf://)"
+
+
+def tensor_sha256(x: Tensor) -> str:
+    """SHA-256 of a tensor's values as little-endian float64 in C order (identifies an x0 batch)."""
+    arr = np.ascontiguousarray(x.detach().to("cpu", torch.float64).numpy()).astype("<f8", copy=False)
+    h = hashlib.sha256(str(tuple(arr.shape)).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _split_key(spec: str) -> tuple[str, str | None]:
+    """``file.npz#key`` → (``file.npz``, ``key``); a ``#`` inside a folder name is left alone."""
+    base, sep, key = spec.rpartition("#")
+    if sep and key and "/" not in key:
+        return base, key
+    return spec, None
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UsageError("reading images needs Pillow, which is not installed", "pip install pillow") from None
+    return Image
+
+
+def _decode(image: Any, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """One PIL image → uint8 [C, H, W] with the probe's channel count, resized to ``size`` (H, W)."""
+    Image = _pil()
+    modes = {1: "L", 3: "RGB", 4: "RGBA"}
+    if channels not in modes:
+        raise UsageError(f"images cannot fill {channels} channels", "pass an array file in the model's layout")
+    img = image.convert(modes[channels])
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=None)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _image_shape(probe: VectorFieldProbe, what: str) -> tuple[int, int, int]:
+    if len(probe.sample_shape) != 3:
+        raise UsageError(
+            f"{what} hold images, but the model's samples have shape {probe.sample_shape}",
+            "pass an array file with one row per sample",
+        )
+    return probe.sample_shape  # type: ignore[return-value]
+
+
+def _subset(count: int, n: int, seed: int, source: str) -> list[int]:
+    if count < n:
+        raise UsageError(f"{source} holds {count} samples, the audit needs {n}", f"pass --samples {count} or more data")
+    if count == n:
+        return list(range(n))
+    return sorted(rng.permutation(count, seed, "data")[:n].tolist())
+
+
+def _from_folder(folder: Path, probe: VectorFieldProbe, n: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UsageError(f"no image files in {folder}", "the folder must hold png/jpg/... images")
+    c, h, w = _image_shape(probe, f"{folder} is a folder of images; images")
+    chosen = [files[i] for i in _subset(len(files), n, seed, str(folder))]
+    Image = _pil()
+    arrays = []
+    for path in chosen:
+        try:
+            with Image.open(path) as img:
+                arrays.append(_decode(img, c, (h, w)))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot read image {path}: {err}", "remove or fix the file") from None
+    return np.stack(arrays), {"kind": "folder", "n_available": len(files)}
+
+
+def _load_array(path: Path, key: str | None) -> np.ndarray:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                items = {k: z[k] for k in z.files}
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, Tensor):
+                return obj.numpy()
+            if not isinstance(obj, dict):
+                raise UsageError(f"{path} holds a {type(obj).__name__}, not a tensor", "save a tensor or a dict of tensors")
+            items = {str(k): v.numpy() for k, v in obj.items() if isinstance(v, Tensor)}
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UsageError(f"cannot read array file {path}: {err}", HINT) from None
+    if key is not None:
+        if key not in items:
+            raise UsageError(f"{path} has no array {key!r}", f"choose one of {', '.join(items) or '(none)'}")
+        return items[key]
+    if len(items) != 1:
+        raise UsageError(f"{path} holds {len(items)} arrays ({', '.join(items)})", f"name one as {path.name}#<key>")
+    return next(iter(items.values()))
+
+
+def _read_table(spec: str, key: str | None) -> tuple[Any, str | None]:
+    import pandas as pd
+
+    suffix = Path(spec.split("?")[0]).suffix.lower()
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(spec)
+        elif suffix in (".csv", ".tsv"):
+            frame = pd.read_csv(spec, sep="\t" if suffix == ".tsv" else ",")
+        else:
+            frame = pd.read_json(spec, lines=suffix == ".jsonl")
+    except ImportError:
+        raise UsageError(f"reading {suffix} files needs pyarrow, which is not installed", "pip install pyarrow") from None
+    except FileNotFoundError:
+        raise UsageError(f"data file not found: {spec}", HINT) from None
+    except Exception as err:  # pandas and fsspec raise many types for unreadable or unreachable files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UsageError(f"cannot read table {spec}: {type(err).__name__}: {first}", HINT) from None
+    return frame, key
+
+
+def _is_image_cell(value: Any) -> bool:
+    return isinstance(value, (bytes, bytearray)) or (isinstance(value, dict) and "bytes" in value)
+
+
+def _from_table(spec: str, key: str | None, probe: VectorFieldProbe, n: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    import pandas as pd
+
+    frame, key = _read_table(spec, key)
+    if key is not None and key not in frame.columns:
+        raise UsageError(f"{spec} has no column {key!r}", f"choose one of {', '.join(map(str, frame.columns))}")
+    first = frame.iloc[0] if len(frame) else pd.Series(dtype=object)
+    image_cols = [c for c in ([key] if key else frame.columns) if len(frame) and _is_image_cell(first[c])]
+    idx = _subset(len(frame), n, seed, spec)
+    if image_cols:
+        c, h, w = _image_shape(probe, f"{spec} has an image column; images")
+        Image = _pil()
+        cells = frame[image_cols[0]].iloc[idx]
+        arrays = []
+        for cell in cells:
+            data = cell["bytes"] if isinstance(cell, dict) else cell
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    arrays.append(_decode(img, c, (h, w)))
+            except (OSError, ValueError) as err:
+                raise UsageError(f"cannot decode an image in {spec}: {err}", "check the image column") from None
+        return np.stack(arrays), {"kind": "table", "column": str(image_cols[0]), "n_available": len(frame)}
+    numeric = frame[[key]] if key else frame.select_dtypes("number")
+    if numeric.shape[1] != probe.dim:
+        numeric = numeric[[c for c in numeric.columns if str(c).lower() not in LABEL_COLUMNS]]
+    if numeric.shape[1] != probe.dim:
+        raise UsageError(
+            f"{spec} has {numeric.shape[1]} numeric columns, the model's samples have {probe.dim} components",
+            "pass a table with one column per component or one image column (name it with #column)",
+        )
+    return numeric.iloc[idx].to_numpy(), {"kind": "table", "n_available": len(frame)}
+
+
+def _to_layout(arr: np.ndarray, probe: VectorFieldProbe, source: str) -> Tensor:
+    """[N, ...] array → float64 tensor [N, *sample_shape] (transposing or resizing images as needed)."""
+    shape = probe.sample_shape
+    x = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float64)
+    n = x.shape[0]
+    if tuple(x.shape[1:]) == shape:
+        return x
+    if x.ndim == 2 and x.shape[1] == probe.dim:
+        return x.reshape(n, *shape)
+    if len(shape) == 3:
+        c = shape[0]
+        if x.ndim == 3 and c == 1:
+            x = x[:, None]
+        elif x.ndim == 4 and x.shape[1] != c and x.shape[-1] == c:
+            x = x.permute(0, 3, 1, 2)
+        if x.ndim == 4 and x.shape[1] == c:
+            return F.interpolate(x, size=shape[1:], mode="bilinear", antialias=True, align_corners=False)
+    raise UsageError(
+        f"{source} holds samples of shape {tuple(arr.shape[1:])}, the model expects {shape}",
+        "save the samples as [N, *sample_shape], [N, H, W, C] or [N, D]",
+    )
+
+
+def _to_range(x: Tensor, eight_bit: bool, probe: VectorFieldProbe, source: str) -> tuple[Tensor, str]:
+    lo, hi = probe.data_range
+    if eight_bit:
+        return lo + (hi - lo) * x.clamp(0, 255) / 255.0, f"8-bit [0, 255] → [{lo:g}, {hi:g}]"
+    if not bool(torch.isfinite(x).all()):
+        raise UsageError(f"{source} contains NaN or Inf", "clean the data")
+    tol = 1e-3 * (hi - lo)
+    vmin, vmax = float(x.min()), float(x.max())
+    if vmin < lo - tol or vmax > hi + tol:
+        raise UsageError(
+            f"{source} values span [{vmin:.4g}, {vmax:.4g}], outside the model's data range [{lo:g}, {hi:g}]",
+            "rescale the data to the model's range, or save 8-bit images (uint8)",
+        )
+    return x, "values used as given, in the model's data coordinates"
+
+
+def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
+    """n clean samples from ``spec`` (see the module doc) and a description of the source for reports.
+
+    Returns:
+        (x0 [n, *sample_shape] float64 on the CPU, {"kind", "path", "n", "mapping", ...}).
+    """
+    path_text, key = _split_key(str(spec))
+    is_remote = "://" in path_text
+    path = Path(path_text).expanduser()
+    suffix = Path(path_text.split("?")[0]).suffix.lower()
+    if not is_remote and not path.exists():
+        raise UsageError(f"data not found: {path_text}", HINT)
+    if not is_remote and path.is_dir():
+        raw, info = _from_folder(path, probe, n, seed)
+        eight_bit = True
+    elif suffix in ARRAY_SUFFIXES and not is_remote:
+        full = _load_array(path, key)
+        if full.ndim < 2:
+            raise UsageError(f"{path} holds an array of shape {full.shape}", "save one row per sample: [N, ...]")
+        idx = _subset(full.shape[0], n, seed, str(path))
+        raw, info = full[idx], {"kind": "array", "n_available": int(full.shape[0])}
+        eight_bit = raw.dtype == np.uint8
+    elif suffix in TABLE_SUFFIXES:
+        raw, info = _from_table(path_text, key, probe, n, seed)
+        eight_bit = raw.dtype == np.uint8 or (
+            np.issubdtype(raw.dtype, np.integer) and raw.size > 0 and raw.min() >= 0 and raw.max() <= 255
+        )
+    else:
+        raise UsageError(f"cannot read {path_text!r}: unknown data format {suffix or '(none)'}", HINT)
+    if not np.issubdtype(raw.dtype, np.number):
+        raise UsageError(f"{path_text} does not hold numbers (dtype {raw.dtype})", HINT)
+    x = _to_layout(raw, probe, path_text)
+    x, mapping = _to_range(x, bool(eight_bit), probe, path_text)
+    info = {**info, "path": str(spec), "n": n, "mapping": mapping, "sha256": tensor_sha256(x)}
+    return x, info
+
+
+__all__ = ["load_data", "tensor_sha256"]
