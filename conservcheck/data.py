@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import rng
+from .adapters import quiet_torch_load, reason, unsafe_global
 from .errors import UsageError
 from .probe import VectorFieldProbe
 
@@ -79,10 +81,20 @@ def _decode(image: Any, channels: int, size: tuple[int, int]) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def _read_image(source: Any, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """An image file (path or file object) decoded by :func:`_decode`; PIL's notes on damaged metadata
+    (EXIF, TIFF tags) are dropped, since only the pixels are used."""
+    Image = _pil()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+        with Image.open(source) as img:
+            return _decode(img, channels, size)
+
+
 def _image_shape(probe: VectorFieldProbe, what: str) -> tuple[int, int, int]:
     if len(probe.sample_shape) != 3:
         raise UsageError(
-            f"{what} hold images, but the model's samples have shape {probe.sample_shape}",
+            f"{what}, but the model's samples have shape {probe.sample_shape}",
             "pass an array file with one row per sample",
         )
     return probe.sample_shape  # type: ignore[return-value]
@@ -100,42 +112,64 @@ def _from_folder(folder: Path, probe: VectorFieldProbe, n: int, seed: int) -> tu
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UsageError(f"no image files in {folder}", "the folder must hold png/jpg/... images")
-    c, h, w = _image_shape(probe, f"{folder} is a folder of images; images")
+    c, h, w = _image_shape(probe, f"{folder} holds images")
     chosen = [files[i] for i in _subset(len(files), n, seed, str(folder))]
-    Image = _pil()
     arrays = []
     for path in chosen:
         try:
-            with Image.open(path) as img:
-                arrays.append(_decode(img, c, (h, w)))
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read image {path}: {err}", "remove or fix the file") from None
+            arrays.append(_read_image(path, c, (h, w)))
+        except UsageError:
+            raise
+        except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+            raise UsageError(f"cannot read image {path}: {reason(err)}", "remove or fix the file") from None
     return np.stack(arrays), {"kind": "folder", "n_available": len(files)}
+
+
+def _torch_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: data files never run code, whatever they hold."""
+    try:
+        return quiet_torch_load(path, weights_only=True)
+    except Exception as err:
+        needed = unsafe_global(err)
+        if needed is not None:
+            raise UsageError(
+                f"{path} holds a pickled {needed}, and loading it would run code",
+                "save the samples as a plain tensor (torch.save(x)) or as .npy",
+            ) from None
+        raise UsageError(f"cannot read array file {path}: {reason(err)}", HINT) from None
+
+
+def _numpy(value: Tensor, path: Path) -> np.ndarray:
+    if value.dtype.is_complex or value.dtype == torch.bool or value.is_quantized or value.layout != torch.strided:
+        raise UsageError(f"{path} holds a {value.dtype} tensor, not real numbers", "save a float or uint8 tensor")
+    # numpy has no bfloat16: widen it (exactly) to float64
+    return (value.double() if value.dtype == torch.bfloat16 else value).detach().numpy()
 
 
 def _load_array(path: Path, key: str | None) -> np.ndarray:
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        if suffix == ".npz":
+    if suffix in (".pt", ".pth"):
+        obj = _torch_file(path)
+        if isinstance(obj, Tensor):
+            return _numpy(obj, path)
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path} holds a {type(obj).__name__}, not a tensor", "save a tensor or a dict of tensors")
+        items = {str(k): _numpy(v, path) for k, v in obj.items() if isinstance(v, Tensor)}
+    else:
+        try:
+            if suffix == ".npy":
+                return np.load(path, allow_pickle=False)
             with np.load(path, allow_pickle=False) as z:
                 items = {k: z[k] for k in z.files}
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, Tensor):
-                return obj.numpy()
-            if not isinstance(obj, dict):
-                raise UsageError(f"{path} holds a {type(obj).__name__}, not a tensor", "save a tensor or a dict of tensors")
-            items = {str(k): v.numpy() for k, v in obj.items() if isinstance(v, Tensor)}
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UsageError(f"cannot read array file {path}: {err}", HINT) from None
+        except Exception as err:  # numpy raises ValueError, OSError, EOFError, zipfile errors for a bad file
+            raise UsageError(f"cannot read array file {path}: {reason(err)}", HINT) from None
     if key is not None:
         if key not in items:
             raise UsageError(f"{path} has no array {key!r}", f"choose one of {', '.join(items) or '(none)'}")
         return items[key]
     if len(items) != 1:
-        raise UsageError(f"{path} holds {len(items)} arrays ({', '.join(items)})", f"name one as {path.name}#<key>")
+        listed = f" ({', '.join(items)})" if items else ""
+        raise UsageError(f"{path} holds {len(items)} arrays{listed}", f"name one as {path.name}#<key>" if items else "save one array")
     return next(iter(items.values()))
 
 
@@ -174,17 +208,17 @@ def _from_table(spec: str, key: str | None, probe: VectorFieldProbe, n: int, see
     image_cols = [c for c in ([key] if key else frame.columns) if len(frame) and _is_image_cell(first[c])]
     idx = _subset(len(frame), n, seed, spec)
     if image_cols:
-        c, h, w = _image_shape(probe, f"{spec} has an image column; images")
-        Image = _pil()
+        c, h, w = _image_shape(probe, f"{spec} has an image column")
         cells = frame[image_cols[0]].iloc[idx]
         arrays = []
         for cell in cells:
             data = cell["bytes"] if isinstance(cell, dict) else cell
             try:
-                with Image.open(io.BytesIO(data)) as img:
-                    arrays.append(_decode(img, c, (h, w)))
-            except (OSError, ValueError) as err:
-                raise UsageError(f"cannot decode an image in {spec}: {err}", "check the image column") from None
+                arrays.append(_read_image(io.BytesIO(data), c, (h, w)))
+            except UsageError:
+                raise
+            except Exception as err:  # as for image files
+                raise UsageError(f"cannot decode an image in {spec}: {reason(err)}", "check the image column") from None
         return np.stack(arrays), {"kind": "table", "column": str(image_cols[0]), "n_available": len(frame)}
     numeric = frame[[key]] if key else frame.select_dtypes("number")
     if numeric.shape[1] != probe.dim:
@@ -202,6 +236,8 @@ def _to_layout(arr: np.ndarray, probe: VectorFieldProbe, source: str) -> Tensor:
     shape = probe.sample_shape
     x = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float64)
     n = x.shape[0]
+    if 0 in x.shape[1:]:
+        raise UsageError(f"{source} holds empty samples (shape {tuple(arr.shape[1:])})", "save one non-empty row per sample: [N, ...]")
     if tuple(x.shape[1:]) == shape:
         return x
     if x.ndim == 2 and x.shape[1] == probe.dim:
@@ -265,8 +301,8 @@ def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Te
         )
     else:
         raise UsageError(f"cannot read {path_text!r}: unknown data format {suffix or '(none)'}", HINT)
-    if not np.issubdtype(raw.dtype, np.number):
-        raise UsageError(f"{path_text} does not hold numbers (dtype {raw.dtype})", HINT)
+    if not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+        raise UsageError(f"{path_text} does not hold real numbers (dtype {raw.dtype})", HINT)
     x = _to_layout(raw, probe, path_text)
     x, mapping = _to_range(x, bool(eight_bit), probe, path_text)
     info = {**info, "path": str(spec), "n": n, "mapping": mapping, "sha256": tensor_sha256(x)}

@@ -8,16 +8,21 @@ nothing touches the network and a branch or tag resolves through the cache's ``r
 
 huggingface_hub (and diffusers, which re-raises hub errors as ``OSError`` with the original as
 ``__cause__``) signals every failure with an exception chain; :func:`explain` follows the chain and turns
-it into a :class:`ModelLoadError` whose hint names the fix: repository not found, gated repository, bad
-revision, offline without a cached copy, network unreachable, incomplete cached copy, Hub error.
+it into a :class:`ModelLoadError` whose hint names the fix: repository not found, gated or disabled
+repository, bad revision, a listed file missing, offline without a cached copy, network unreachable,
+incomplete cached copy, Hub error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import socket
+import sys
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ModelLoadError
 
@@ -104,18 +109,38 @@ def snapshot(
     if offline is None:
         offline = offline_mode()
     try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=str(cache_dir) if cache_dir is not None else None,
-            endpoint=endpoint,
-            token=token,
-            local_files_only=offline,
-            ignore_patterns=IGNORE_PATTERNS,
-        )
+        with _quiet_hub():
+            folder = snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=str(cache_dir) if cache_dir is not None else None,
+                endpoint=endpoint,
+                token=token,
+                local_files_only=offline,
+                ignore_patterns=IGNORE_PATTERNS,
+            )
     except Exception as err:
         raise explain(err, repo_id, revision, cache_dir=cache_dir, endpoint=endpoint, offline=offline) from err
     return Path(folder)
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub's retry warnings off, and its progress bars too unless stderr is a terminal: a
+    failure is explained in one line by :func:`explain`, and logs of batch jobs stay readable."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level, bars_off = hub_log.level, are_progress_bars_disabled()
+    hub_log.setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
+        if not bars_off:
+            enable_progress_bars()
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -144,12 +169,14 @@ def explain(
     """A one-line :class:`ModelLoadError` for a failed hub access, read from the exception chain."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
+        DisabledRepoError,
         GatedRepoError,
         HfHubHTTPError,
         HFValidationError,
         IncompleteSnapshotError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -175,6 +202,13 @@ def explain(
         return ModelLoadError(
             f"revision {rev!r} does not exist in {repo_id}",
             f"use a branch, tag or commit hash listed at {site}/{repo_id}/commits/main",
+        )
+    if find(DisabledRepoError) is not None:
+        return ModelLoadError(f"access to {repo_id} has been disabled on the Hub ({site})", "use another model or a local copy")
+    if find(RemoteEntryNotFoundError) is not None:
+        return ModelLoadError(
+            f"the Hub ({site}) lists a file of {repo_id} (revision {rev}) that it cannot serve",
+            "the repository changed during the download: run again, or pin a commit as owner/name@<commit hash>",
         )
     if find(RepositoryNotFoundError) is not None:
         return ModelLoadError(

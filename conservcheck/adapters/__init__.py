@@ -6,8 +6,9 @@ Adapters are listed in the entry-point group ``conservcheck.adapters`` (name →
 when asked, so a broken third-party adapter cannot break the others or the CLI. The built-in families
 are always asked first, in :data:`BUILTIN` order; third-party entry points follow in name order.
 
-This package also holds what several adapters share: choosing the weights file of a folder and hashing
-the files actually loaded. Importing it imports no model library.
+This package also holds what several adapters share: choosing the weights file of a folder, checking it
+before it is read, reading torch pickles safely, and hashing the files actually loaded. Importing it
+imports no model library.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import importlib
 import importlib.metadata
 import json
 import pathlib
+import re
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -144,12 +147,127 @@ def find_weights(folder: pathlib.Path, stem: str = "diffusion_pytorch_model", va
             return WeightsFiles((single,), fmt)
         index = folder / f"{name}.{ext}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted({str(s) for s in json.loads(index.read_text())["weight_map"].values()})
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ModelLoadError(
+                    f"the shard index {index} is damaged ({type(err).__name__}: {err})",
+                    "download the model again or re-save it with save_pretrained",
+                ) from err
             return WeightsFiles(tuple(folder / s for s in shards), fmt)
     raise ModelLoadError(
         f"no weights file {name}.safetensors or {name}.bin in {folder}",
         "check that the download finished (or the variant name) and the folder is a saved diffusers model",
     )
+
+
+#: The fix for a weights file that is cut short or altered.
+DAMAGED_HINT = "download it again (for a hub model, delete its folder in the hub cache) or re-save the model"
+#: The fix for a pickle that needs arbitrary code to load.
+TRUST_HINT = "re-save it with tensors only (safetensors), or pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source"
+
+
+def check_safetensors(file: pathlib.Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``file`` is a complete safetensors file.
+
+    The format is an 8-byte little-endian header length N, N bytes of JSON mapping each tensor to its
+    ``data_offsets`` [begin, end) in the data that follows, then the data; a file cut short (an
+    interrupted download) is shorter than 8 + N + the largest end offset. Only the header is read.
+    """
+    size = file.stat().st_size
+    if size < 8:
+        raise ModelLoadError(f"weights file {file} is damaged: {size} bytes, shorter than a safetensors header", DAMAGED_HINT)
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise ModelLoadError(
+                f"weights file {file} is damaged: its header claims {n} bytes but the file has {size}", DAMAGED_HINT
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise ModelLoadError(f"weights file {file} is damaged: its header is not a safetensors header ({type(err).__name__})", DAMAGED_HINT) from err
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise ModelLoadError(f"weights file {file} is damaged: {what} ({size} of {expected} bytes)", DAMAGED_HINT)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as err:
+        raise ModelLoadError(f"weights file {file} is damaged: {reason(err)}", DAMAGED_HINT) from err
+
+
+_UNSAFE = (
+    re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)"),
+    re.compile(r"allowlisted via `add_safe_globals`,? but got (.+?)\s*$", re.M),
+)
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its causes / contexts, outermost first."""
+    out: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and all(e is not seen for seen in out):
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def unsafe_global(err: BaseException) -> str | None:
+    """What a pickle needs beyond ``torch.load(weights_only=True)``'s allow-list (a class or function
+    name), read from a failed load's exception chain; None when the failure is something else (a damaged
+    file, a mismatch)."""
+    for e in error_chain(err):
+        for pattern in _UNSAFE:
+            m = pattern.search(str(e))
+            if m:
+                return m.group(1)
+    return None
+
+
+def reason(err: BaseException) -> str:
+    """``Type: first sentence`` of an exception, for one-line messages (torch's weights-only errors give
+    their ``WeightsUnpickler error`` part)."""
+    text = str(err)
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    line = m.group(1) if m else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = line.split(". ")[0].strip()[:200]
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def torch_load(file: pathlib.Path, trust_remote_code: bool = False) -> tuple[Any, str]:
+    """(object, loader) of a torch file: ``torch.load(weights_only=True)``; ``weights_only=False`` only when
+    the file needs arbitrary unpickling and ``trust_remote_code`` is true.
+
+    Raises :class:`ModelLoadError` for a file that needs code without the trust flag, and for a file
+    that is not a complete torch file.
+    """
+    try:
+        return quiet_torch_load(file, weights_only=True), "torch.load(weights_only=True)"
+    except Exception as err:
+        needed = unsafe_global(err)
+        if needed is None:
+            raise ModelLoadError(f"cannot read {file}: not a complete torch file ({reason(err)})", DAMAGED_HINT) from err
+        if not trust_remote_code:
+            raise ModelLoadError(f"{file.name} needs arbitrary unpickling ({needed}), which can run code", TRUST_HINT) from err
+    try:
+        return quiet_torch_load(file, weights_only=False), "torch.load(weights_only=False)"
+    except Exception as err:
+        raise ModelLoadError(f"cannot unpickle {file} ({reason(err)})", DAMAGED_HINT) from err
+
+
+def quiet_torch_load(file: pathlib.Path, *, weights_only: bool) -> Any:
+    """``torch.load`` to the CPU without torch's note on pickle protocols (an error, if any, says more)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(file, map_location="cpu", weights_only=weights_only)
 
 
 def sha256_file(path: pathlib.Path, chunk: int = 1 << 20) -> str:
@@ -176,13 +294,21 @@ def hash_files(files: Iterable[pathlib.Path], root: pathlib.Path) -> tuple[str, 
 
 __all__ = [
     "BUILTIN",
+    "DAMAGED_HINT",
     "GROUP",
+    "TRUST_HINT",
     "AdapterEntry",
     "WeightsFiles",
+    "check_safetensors",
     "detect",
+    "error_chain",
     "find_weights",
     "get",
     "hash_files",
+    "quiet_torch_load",
+    "reason",
     "registered",
     "sha256_file",
+    "torch_load",
+    "unsafe_global",
 ]

@@ -29,11 +29,11 @@ from diffusers, loads safetensors when present and pickled ``.bin`` weights only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-import pickle
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ from torch import Tensor
 from ..errors import ModelLoadError, UsageError
 from ..probe import ProbeInfo, VectorFieldProbe
 from ..process import DiscreteSchedule, OUProcess, Process, TimeConvention, VEProcess
-from . import WeightsFiles, find_weights, hash_files
+from . import DAMAGED_HINT, TRUST_HINT, WeightsFiles, check_safetensors, error_chain, find_weights, hash_files, reason, unsafe_global
 
 NAME = "diffusers"
 
@@ -124,6 +124,20 @@ class Units:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _scheduler(name: str, config: dict[str, Any], source: str) -> Any:
+    """diffusers' scheduler ``name`` built from ``config``; a value diffusers rejects is a ModelLoadError."""
+    import diffusers
+
+    try:
+        with _quiet_diffusers():
+            return getattr(diffusers, name).from_config(config)
+    except Exception as err:
+        raise ModelLoadError(
+            f"diffusers cannot build {name} from {source} ({reason(err)})",
+            "fix that value, or re-save the scheduler the model was trained with (save_pretrained)",
+        ) from err
+
+
 def scheduler_units(config: dict[str, Any], source: str = "the scheduler config") -> Units:
     """Process, time convention and parameterization implied by a diffusers scheduler config.
 
@@ -131,11 +145,9 @@ def scheduler_units(config: dict[str, Any], source: str = "the scheduler config"
     config: ``beta_schedule``, ``trained_betas``, ...), so every schedule diffusers knows is covered.
     Raises :class:`ModelLoadError` for an unsupported scheduler class or prediction type.
     """
-    import diffusers
-
     name = str(config.get("_class_name"))
     if name in VE_SCHEDULERS:
-        sched = getattr(diffusers, name).from_config(config)
+        sched = _scheduler(name, config, source)
         smin, smax = float(sched.config.sigma_min), float(sched.config.sigma_max)
         return Units(
             VEProcess(), TimeConvention(), "score", "ncsnpp_ve", False,
@@ -152,13 +164,20 @@ def scheduler_units(config: dict[str, Any], source: str = "the scheduler config"
             f"unsupported scheduler class {name!r} in {source}",
             f"supported schedulers: {', '.join(SUPPORTED_SCHEDULERS)}; wrap other models with a 'module:factory' reference",
         )
-    sched = getattr(diffusers, name).from_config(config)
+    sched = _scheduler(name, config, source)
     pred = str(sched.config.prediction_type)
     if pred not in _PARAMETERIZATION:
         raise ModelLoadError(
             f"unsupported prediction_type {pred!r} in {source}", "supported: epsilon, sample, v_prediction"
         )
-    alphas_cumprod = sched.alphas_cumprod.to(torch.float64)
+    alphas_cumprod = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float64).flatten()
+    ab = alphas_cumprod
+    if ab.numel() < 2 or not bool(((ab >= 0) & (ab <= 1)).all()) or not bool((ab[1:] < ab[:-1]).all()):
+        raise ModelLoadError(
+            f"the schedule in {source} is not a noise schedule (alpha_bar must decrease strictly within (0, 1] "
+            f"over at least 2 steps; it has {ab.numel()} steps)",
+            "check num_train_timesteps, beta_start, beta_end, beta_schedule and trained_betas",
+        )
     if not bool(alphas_cumprod[-1] > 0):
         raise ModelLoadError(
             f"the schedule in {source} reaches alpha_bar = 0 (zero terminal SNR)",
@@ -215,15 +234,40 @@ def prepare(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def _needs_unpickling(err: BaseException) -> bool:
-    seen: set[int] = set()
-    e: BaseException | None = err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' logger while loading: what it would warn about is raised here as one line."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _load_failure(cls: Any, folder: pathlib.Path, weights: WeightsFiles, err: BaseException) -> ModelLoadError:
+    """The one-line error for a failed ``from_pretrained``: damaged weights, weights that do not fit the
+    config, or diffusers' own complaint."""
+    chain = error_chain(err)
+    for e in chain:
+        text = str(e)
+        if "Error(s) in loading state_dict" in text or "size mismatch" in text:
+            detail = next((ln.strip() for ln in text.splitlines()[1:] if ln.strip()), text.splitlines()[0])
+            return ModelLoadError(
+                f"the weights in {folder} do not fit its config.json ({detail[:200]})",
+                "restore the config.json saved with these weights, or re-save the model with save_pretrained",
+            )
+        if "Unable to load weights from checkpoint file" in text:
+            return ModelLoadError(
+                f"weights file {weights.files[0]} is damaged: not a complete torch file ({reason(chain[-1])})",
+                DAMAGED_HINT,
+            )
+    return ModelLoadError(
+        f"diffusers could not load {cls.__name__} from {folder} ({reason(err)})",
+        "check that the folder is a complete saved diffusers model of that class",
+    )
 
 
 def load_component(
@@ -236,42 +280,59 @@ def load_component(
 ) -> tuple[torch.nn.Module, WeightsFiles, str]:
     """Load a diffusers model class from a saved folder: (model, weights files, loader used).
 
-    safetensors when present; otherwise pickled ``.bin`` weights through diffusers, which reads them
-    with ``torch.load(weights_only=True)``. A pickle that needs arbitrary unpickling is refused unless
-    ``trust_remote_code`` is true, and is then read with ``torch.load(weights_only=False)`` into a model
-    built from the folder's config.
+    safetensors when present (checked for truncation first); otherwise pickled ``.bin`` weights through
+    diffusers, which reads them with ``torch.load(weights_only=True)``. A pickle that needs arbitrary
+    unpickling is refused unless ``trust_remote_code`` is true, and is then read with
+    ``torch.load(weights_only=False)`` into a model built from the folder's config. Weights that leave
+    parameters of the config uninitialised are refused (diffusers would fill them with random values).
     """
     weights = find_weights(folder, variant=variant)
-    try:
-        model = cls.from_pretrained(
-            str(folder), use_safetensors=weights.use_safetensors, variant=variant, torch_dtype=dtype,
-            low_cpu_mem_usage=False,
+    if weights.use_safetensors:
+        for f in weights.files:
+            check_safetensors(f)
+    with _quiet_diffusers():
+        try:
+            model, loading = cls.from_pretrained(
+                str(folder), use_safetensors=weights.use_safetensors, variant=variant, torch_dtype=dtype,
+                low_cpu_mem_usage=False, output_loading_info=True,
+            )
+            loader = "safetensors" if weights.use_safetensors else "torch.load(weights_only=True)"
+        except Exception as err:
+            needed = None if weights.use_safetensors else unsafe_global(err)
+            if needed is None:
+                raise _load_failure(cls, folder, weights, err) from err
+            if not trust_remote_code:
+                raise ModelLoadError(
+                    f"{weights.files[0].name} in {folder} needs arbitrary unpickling ({needed}), which can run code",
+                    TRUST_HINT,
+                ) from err
+            model, loading, loader = _load_trusted(cls, folder, weights, dtype), {}, "torch.load(weights_only=False)"
+    missing = sorted(loading.get("missing_keys", []))
+    if missing:
+        raise ModelLoadError(
+            f"the weights in {folder} lack {len(missing)} parameters of its config.json (first: {missing[0]})",
+            "restore the config.json saved with these weights, or re-save the model with save_pretrained",
         )
-        return model, weights, "safetensors" if weights.use_safetensors else "torch.load(weights_only=True)"
-    except Exception as err:
-        if weights.use_safetensors or not _needs_unpickling(err):
-            raise ModelLoadError(
-                f"diffusers could not load {cls.__name__} from {folder} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''})",
-                "check that the folder is a complete saved diffusers model of that class",
-            ) from err
-        if not trust_remote_code:
-            raise ModelLoadError(
-                f"{weights.files[0].name} in {folder} needs arbitrary unpickling, which can run code",
-                "convert it to safetensors, or pass trust_remote_code=True if you trust its source",
-            ) from err
+    return model, weights, loader
+
+
+def _load_trusted(cls: Any, folder: pathlib.Path, weights: WeightsFiles, dtype: torch.dtype) -> torch.nn.Module:
+    """``torch.load(weights_only=False)`` of every weights file into a model built from the config."""
     model = cls.from_config(cls.load_config(str(folder)))
     state: dict[str, Tensor] = {}
     for f in weights.files:
-        state.update(torch.load(f, map_location="cpu", weights_only=False))
+        try:
+            state.update(torch.load(f, map_location="cpu", weights_only=False))
+        except Exception as err:
+            raise ModelLoadError(f"cannot unpickle {f} ({reason(err)})", DAMAGED_HINT) from err
     try:
         model.load_state_dict(state)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, ValueError) as err:
         raise ModelLoadError(
-            f"the weights in {folder} do not match its config ({str(err).splitlines()[0]})",
+            f"the weights in {folder} do not fit its config.json ({reason(err)})",
             "re-save the model with save_pretrained",
         ) from err
-    return model.to(dtype), weights, "torch.load(weights_only=False)"
+    return model.to(dtype)
 
 
 class UNetField(torch.nn.Module):
@@ -292,7 +353,9 @@ class UNetField(torch.nn.Module):
 def check_unconditional(unet_dir: pathlib.Path) -> None:
     """Raise :class:`ModelLoadError` unless ``unet_dir`` holds an unconditional ``UNet2DModel``: a text- or
     class-conditional network has no single vector field without a choice of condition."""
-    cfg = read_json(unet_dir / "config.json") or {}
+    cfg = read_json(unet_dir / "config.json")
+    if cfg is None:
+        raise ModelLoadError(f"{unet_dir / 'config.json'} is missing or not a JSON object", "re-save the model with save_pretrained")
     if cfg.get("_class_name") != "UNet2DModel":
         raise ModelLoadError(
             f"{unet_dir} holds a {cfg.get('_class_name')!r}, not an unconditional UNet2DModel",
@@ -307,9 +370,16 @@ def check_unconditional(unet_dir: pathlib.Path) -> None:
 
 def sample_shape(config: Any) -> tuple[int, int, int]:
     """(C, H, W) of one UNet input from its config (``sample_size`` int or pair)."""
-    size = config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(config.in_channels), int(h), int(w))
+    size, channels = config.sample_size, config.in_channels
+    hw = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else None
+    shape = [channels, *hw] if hw is not None else []
+    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ModelLoadError(
+            f"the UNet config has sample_size {size!r} and in_channels {channels!r}: not an image shape",
+            "sample_size must be a positive integer or [height, width] and in_channels a positive integer; "
+            "restore the config.json saved with the weights",
+        )
+    return (channels, shape[1], shape[2])
 
 
 def check_options(options: dict[str, Any], accepted: tuple[str, ...] = _OPTIONS) -> None:

@@ -47,7 +47,7 @@ from torch import Tensor
 from ..errors import ModelLoadError, UsageError
 from ..probe import ProbeInfo, VectorFieldProbe
 from ..process import TimeConvention, VEProcess
-from . import hash_files
+from . import hash_files, reason
 from .diffusers_unet import check_options
 
 NAME = "edm"
@@ -339,7 +339,7 @@ def _unpickle(file: pathlib.Path) -> Any:
         ) from err
     except Exception as err:
         raise ModelLoadError(
-            f"cannot unpickle {file.name} ({type(err).__name__}: {err})",
+            f"cannot unpickle {file.name} ({reason(err)})",
             "check that the file is a complete EDM network pickle",
         ) from err
 

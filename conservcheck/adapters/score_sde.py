@@ -42,7 +42,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import pickle
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from torch import Tensor
 from ..errors import ModelLoadError, UsageError
 from ..probe import ProbeInfo, VectorFieldProbe
 from ..process import OUProcess, TimeConvention, VEProcess, VPSDETime, expand_like
-from . import hash_files
+from . import hash_files, torch_load
 from .diffusers_unet import check_options, prepare
 
 NAME = "score_sde"
@@ -190,6 +189,40 @@ def _preset(name: str) -> dict[str, Any]:
     )
 
 
+_INTS = ("image_size", "num_res_blocks", "num_channels", "nf")
+_FLOATS = ("sigma_min", "sigma_max", "beta_min", "beta_max")
+_BOOLS = ("continuous", "centered", "fir", "conditional", "skip_rescale", "scale_by_sigma")
+_OPTIONAL = ("sigma_max", "scale_by_sigma")
+
+
+def _value(name: str, v: Any, source: str) -> Any:
+    """A config value checked against its field's type (a wrong one is a one-line ModelLoadError)."""
+    if v is None and name in _OPTIONAL:
+        return None
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if name in _TUPLES:
+        ok = isinstance(v, (list, tuple)) and all(is_int(i) and i > 0 for i in v) and (name != "ch_mult" or len(v) > 0)
+        want = "a list of positive integers"
+    elif name in _INTS:
+        ok, want = is_int(v) and v > 0, "a positive integer"
+    elif name in _FLOATS:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        want = "a positive number"
+    elif name in _BOOLS:
+        ok, want = isinstance(v, bool), "true or false"
+    else:
+        ok, want = isinstance(v, str), "a string"
+    if not ok:
+        raise ModelLoadError(
+            f"{source} has {_SECTION.get(name, 'model')}.{name} = {v!r}, expected {want}",
+            "fix the value (the released configs: " + ", ".join(preset_names()) + ")",
+        )
+    return tuple(v) if name in _TUPLES else v
+
+
 def config_from_dict(data: Mapping[str, Any], source: str = "config") -> SDEConfig:
     """An :class:`SDEConfig` from a nested dict in score_sde's layout (``training``/``data``/``model``).
 
@@ -204,8 +237,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "config") -> SDEConf
     for name in names:
         section = nested.get(_SECTION.get(name, "model"), {})
         if name in section:
-            v = section[name]
-            values[name] = tuple(int(i) for i in v) if name in _TUPLES else v
+            values[name] = _value(name, section[name], source)
     missing = [f"{_SECTION.get(n, 'model')}.{n}" for n in _REQUIRED if n not in values]
     if missing:
         raise ModelLoadError(
@@ -491,21 +523,8 @@ def detect(path: pathlib.Path) -> bool:
 
 def read_checkpoint(file: pathlib.Path, trust_remote_code: bool = False) -> tuple[Any, str]:
     """(checkpoint object, loader) — ``torch.load(weights_only=True)``, or ``weights_only=False`` only when
-    the file needs it and ``trust_remote_code`` is true."""
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True), "torch.load(weights_only=True)"
-    except pickle.UnpicklingError as err:
-        if not trust_remote_code:
-            raise ModelLoadError(
-                f"{file.name} needs arbitrary unpickling, which can run code",
-                "pass trust_remote_code=True if you trust its source, or re-save it with tensors only",
-            ) from err
-    except Exception as err:
-        raise ModelLoadError(
-            f"cannot read {file} ({type(err).__name__}: {err})",
-            "check that the file is a complete torch checkpoint",
-        ) from err
-    return torch.load(file, map_location="cpu", weights_only=False), "torch.load(weights_only=False)"
+    the file needs it and ``trust_remote_code`` is true (:func:`conservcheck.adapters.torch_load`)."""
+    return torch_load(file, trust_remote_code)
 
 
 def _strip(state: Mapping[str, Any]) -> dict[str, Any]:
