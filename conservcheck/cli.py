@@ -1,11 +1,12 @@
-"""The ``conservcheck`` command: audit, plot, compare, gate and transport.
+"""The ``conservcheck`` command: audit, merge, plot, compare, gate and transport.
 
 A thin layer over the API: ``conservcheck audit`` has one flag per option of
 :data:`conservcheck.defaults.OPTIONS` (built from that table) and calls
 :func:`conservcheck.audit.audit`. Tables and the verdict go to stdout (to stderr when ``--json -`` or
 ``--csv -`` put data on stdout); logs and the progress bar go to stderr. Every user mistake prints one
-line ``error: …`` and exits with code 2; a ``--fail-if`` condition that holds exits with 1; Ctrl-C exits
-with 130 after saying how to resume. typer and rich are imported here only.
+line ``error: …`` and exits with code 2; a ``--fail-if`` condition that holds exits with 1; Ctrl-C (or
+SIGTERM, as a batch scheduler sends at its time limit) exits with 130 after saying how to resume. typer
+and rich are imported here only.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import inspect
 import logging
 import math
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, List, Optional
@@ -268,28 +270,18 @@ def _apply_gates(exprs: list[Any], report: Any, junit: Optional[str], console: C
 # ---------------------------------------------------------------------------------------------- audit
 
 
-def _run_audit(model: str, json_path: Optional[str], csv_path: Optional[str], junit: Optional[str],
-               fail_if: List[str], quiet: bool, **options: Any) -> None:
-    from .audit import AuditInterrupted, audit
-
-    exprs = _gates(fail_if or [])
+def _check_outputs(json_path: Optional[str], csv_path: Optional[str], junit: Optional[str], exprs: list[Any]) -> None:
     if json_path == "-" and csv_path == "-":
         raise UsageError("--json - and --csv - would both write to stdout", "write one of them to a file")
     if junit and not exprs:
         raise UsageError("--junit needs at least one --fail-if condition", "add --fail-if 'verdict != pass'")
     _writable(json_path, csv_path, junit)
-    given = {k: v for k, v in options.items() if v is not None and v is not False}
+
+
+def _finish_report(report: Any, json_path: Optional[str], csv_path: Optional[str], junit: Optional[str],
+                   exprs: list[Any]) -> None:
+    """Write the report files (each atomically), print tables and verdict, apply the gates, exit."""
     console = _out_console(json_path == "-" or csv_path == "-")
-    with _logging(quiet) as err:
-        try:
-            with _progress(err, not quiet) as progress:
-                report = audit(model, progress=progress, **given)
-        except AuditInterrupted as stop:
-            _error(f"interrupted; {stop.n_done} finished units are saved — resume with --resume {stop.partial_path}")
-            raise typer.Exit(130)
-        except KeyboardInterrupt:
-            _error("interrupted before any unit finished")
-            raise typer.Exit(130)
     if json_path:
         report.to_json(json_path)
     if csv_path:
@@ -297,6 +289,45 @@ def _run_audit(model: str, json_path: Optional[str], csv_path: Optional[str], ju
     _show(report, console)
     code = _apply_gates(exprs, report, junit, console) if exprs else 0
     raise typer.Exit(code)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, ``kill``) stops the audit like Ctrl-C: finished units are kept
+    and the message names the file to resume from."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _run_audit(model: str, json_path: Optional[str], csv_path: Optional[str], junit: Optional[str],
+               fail_if: List[str], quiet: bool, **options: Any) -> None:
+    from .audit import AuditInterrupted, audit
+
+    exprs = _gates(fail_if or [])
+    _check_outputs(json_path, csv_path, junit, exprs)
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    with _logging(quiet) as err, _terminate_as_interrupt():
+        try:
+            with _progress(err, not quiet) as progress:
+                report = audit(model, progress=progress, **given)
+        except AuditInterrupted as stop:
+            _error(f"interrupted; {stop.n_done} finished units are saved — resume with {stop.resume_flags}")
+            raise typer.Exit(130)
+        except KeyboardInterrupt:
+            _error("interrupted before any unit finished (nothing to resume; run the command again)")
+            raise typer.Exit(130)
+    _finish_report(report, json_path, csv_path, junit, exprs)
 
 
 def _audit_signature() -> list[inspect.Parameter]:
@@ -332,7 +363,7 @@ def _audit_command(**kwargs: Any) -> None:
     """Audit a model: loop integrals, curl and Stein diagnostics at several time points.
 
     Prints one table per diagnostic (rows: time points; columns: statistics) and a one-line verdict.
-    Exit codes: 0 done, 1 a --fail-if condition holds, 2 usage error, 130 interrupted.
+    Exit codes: 0 done, 1 a --fail-if condition holds, 2 usage error, 130 interrupted (Ctrl-C, SIGTERM).
     """
     _run_audit(**kwargs)
 
@@ -340,6 +371,30 @@ def _audit_command(**kwargs: Any) -> None:
 _audit_command.__signature__ = inspect.Signature(_audit_signature())  # type: ignore[attr-defined]
 _audit_command.__annotations__ = {p.name: p.annotation for p in _audit_signature()}
 app.command("audit")(_audit_command)
+
+
+@app.command("merge")
+def merge_cmd(
+    journals: List[str] = typer.Argument(..., metavar="FILE",
+                                         help="Partial-results files of the shards (conservcheck audit --shard i/n)."),
+    json_path: Optional[str] = typer.Option(None, "--json", metavar="PATH|-", help="Write the JSON report (- for stdout)."),
+    csv_path: Optional[str] = typer.Option(None, "--csv", metavar="PATH|-", help="Write the summary table as CSV (- for stdout)."),
+    junit: Optional[str] = typer.Option(None, "--junit", metavar="PATH", help="Write the --fail-if results as JUnit XML."),
+    fail_if: List[str] = typer.Option([], "--fail-if", metavar="EXPR", help="Exit with 1 when this condition holds (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs."),
+) -> None:
+    """Combine the partial-results files of a sharded audit into its report (identical to an unsharded run).
+
+    Refuses files of different audits, and names the missing units, their shard and the command that
+    finishes them when the files do not hold every unit. Exit codes as for audit.
+    """
+    from .audit import merge
+
+    exprs = _gates(fail_if or [])
+    _check_outputs(json_path, csv_path, junit, exprs)
+    with _logging(quiet):
+        report = merge(journals)
+    _finish_report(report, json_path, csv_path, junit, exprs)
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -460,6 +515,30 @@ def transport_cmd(
         if isinstance(v, (int, float, str, bool)) or v is None:
             table.add_row(str(k), _fmt(v))
     console.print(table)
+
+
+@app.command("selftest")
+def selftest_cmd(
+    device: str = typer.Option("cpu", "--device", help="Device to check: cpu, cuda or cuda:N."),
+) -> None:
+    """Run every diagnostic on fields with exact answers on DEVICE (float64 and float32); exit 1 on a miss."""
+    from .defaults import resolve_device, resolve_options
+    from .selftest import selftest
+
+    dev = resolve_device(resolve_options({"device": device})["device"])
+    checks = selftest(dev)
+    console = _out_console(False)
+    title = f"known-answer self-test on {dev}"
+    table = Table(title=title, title_justify="left", min_width=len(title), box=box.SIMPLE_HEAD)
+    for name in ("check", "dtype", "value", "bound", "result"):
+        table.add_column(name, justify="left" if name in ("check", "result") else "right")
+    for c in checks:
+        bound = f"≥ {c.bound:.3g}" if c.larger_is_better else f"≤ {c.bound:.3g}"
+        table.add_row(c.name, c.dtype, f"{c.value:.3g}", bound, "ok" if c.ok else "FAIL")
+    console.print(table)
+    failed = sum(not c.ok for c in checks)
+    _line(console, f"selftest: {len(checks) - failed} of {len(checks)} checks passed")
+    raise typer.Exit(1 if failed else 0)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

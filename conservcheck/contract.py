@@ -55,6 +55,9 @@ def check_probe(probe: VectorFieldProbe, batch: int = 4, seed: int = 0) -> Contr
             except ProbeContractError as err:
                 report.problems.append(str(err))
                 return report
+            except Exception as err:  # the model's own code failed: report it, the audit goes on
+                report.problems.append(_raised(err, float(t)))
+                return report
             if not bool(torch.isfinite(s).all()):
                 report.nonfinite_times.append(float(t))
             outs.append((x, t, s))
@@ -63,6 +66,25 @@ def check_probe(probe: VectorFieldProbe, batch: int = 4, seed: int = 0) -> Contr
                 "model output has NaN/Inf at t = " + ", ".join(f"{v:.4g}" for v in report.nonfinite_times)
                 + " (check the weights and the precision; try --precision fp32)"
             )
+        try:
+            _repeat_checks(probe, outs, report)
+        except ProbeContractError as err:
+            report.problems.append(str(err))
+        except Exception as err:
+            report.problems.append(_raised(err, None))
+    return report
+
+
+def _raised(err: Exception, t: float | None) -> str:
+    where = f" at t = {t:.4g}" if t is not None else " during the determinism, batch and time-input checks"
+    first = (str(err).splitlines() or [""])[0]
+    return f"model raised {type(err).__name__}{where}: {first} (run the model on its own at that time to debug it)"
+
+
+def _repeat_checks(probe: VectorFieldProbe, outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   report: ContractReport) -> None:
+    """Determinism, batch independence and use of the time input, from the first pass's outputs."""
+    with torch.no_grad():
         x, t, s = outs[1]
         again = probe.score(x, t)
         tol = 1e-4 if probe.dtype == torch.float32 else 1e-10
@@ -85,4 +107,3 @@ def check_probe(probe: VectorFieldProbe, batch: int = 4, seed: int = 0) -> Contr
                 "model output does not change with its time input "
                 "(check that the time convention feeds the model the time it was trained with)"
             )
-    return report

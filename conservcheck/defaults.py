@@ -195,6 +195,29 @@ def _memory(value: Any) -> int | None:
     return int(float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower()))
 
 
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def _shard(value: Any) -> str | None:
+    """``i/n`` (0 ≤ i < n) from ``"1/4"`` or ``(1, 4)``; normalised to ``"1/4"``."""
+    if value is None:
+        return None
+    text = "/".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    m = _SHARD.match(text)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise _fail("--shard", "i/n with 0 ≤ i < n, such as 0/4", value,
+                    "number the shards of an n-way split 0/n … (n-1)/n")
+    return f"{int(m.group(1))}/{int(m.group(2))}"
+
+
+def shard_of(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` → (i, n); no shard → (0, 1), the whole audit."""
+    if text is None:
+        return 0, 1
+    i, n = text.split("/")
+    return int(i), int(n)
+
+
 def _flag(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -265,12 +288,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("trust_remote_code", False, "--trust-remote-code",
            "Allow loading checkpoints that execute code (pickles, custom classes).", _flag, "", is_flag=True),
     Option("resume", None, "--resume",
-           "Partial-results file: finished work in it is reused, new work is appended to it.", _optional_text,
-           "PATH", numeric=False),
-    Option("time_budget", None, "--time-budget", "Start no new work after this long (90s, 30m, 2h).", _duration,
-           "DURATION", numeric=False),
-    Option("memory_budget", None, "--memory-budget", "Approximate memory for loop geometry held at once (4GB).",
-           _memory, "SIZE", numeric=False),
+           "Partial-results file (JSON lines): its finished units are reused and new ones appended to it "
+           "(default: a file in the cache folder, named in the log, removed once the audit completes).",
+           _optional_text, "PATH", numeric=False, shown="a file in the cache folder"),
+    Option("time_budget", None, "--time-budget",
+           "Start no new unit after this long (90s, 30m, 2h); the rest are reported as skipped and --resume "
+           "finishes them.", _duration, "DURATION", numeric=False),
+    Option("memory_budget", None, "--memory-budget",
+           "Approximate memory for the loop nodes, weights and sums held at once (512MB, 4GB); model activations "
+           "are bounded by the batch size.", _memory, "SIZE", numeric=False),
+    Option("shard", None, "--shard",
+           "Run only shard i of n (0 ≤ i < n) of the audit's units and save them to the partial-results file; "
+           "combine the n files with conservcheck merge (docs/distributed.md).", _shard, "I/N", numeric=False),
     Option("block", 64, "--block", "Size of the random sub-Jacobian block (paper: 64).", _int("--block", 2), "N"),
     Option("n_probes", 16, "--probes", "Random probe vectors per sample (Hutchinson curl, Stein divergence).",
            _int("--probes", 3), "N"),
@@ -386,5 +415,6 @@ __all__ = [
     "device_defaults",
     "resolve_device",
     "resolve_options",
+    "shard_of",
     "time_points",
 ]

@@ -20,12 +20,14 @@ precision floor is the smallest resolvable relative value of the forward precisi
 
 * ``invalid`` when the model broke its contract (NaN/Inf, wrong shape, ignored time input,
   non-determinism, batch dependence) or any unit failed — no number computed from NaNs is used;
-* ``violation`` when any check is a violation;
+* ``violation`` when any check is a violation (an incomplete audit says what it left unmeasured);
+* ``invalid`` when units were skipped (time budget, or a shard's partial report) and no measured check
+  is a violation — an incomplete audit never passes; the reason names the unmeasured diagnostics;
 * ``pass`` otherwise.
 
 Reproducibility: two audits with the same options and seed give identical JSON except the ``run``
 object (start and end time, wall time, units reused from a partial-results file, its path, and the
-options that only change how the audit runs: batch size, cache folder, resume file, budgets).
+options that only change how the audit runs: batch size, cache folder, resume file, budgets, shard).
 """
 
 from __future__ import annotations
@@ -91,12 +93,12 @@ def write_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe copy: NaN/Inf → None, numpy scalars → Python, tuples → lists."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -198,7 +200,7 @@ class Verdict:
         return f"{self.status}: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Verdict":
@@ -220,20 +222,54 @@ def _quadrature_floor(unit: dict[str, Any]) -> float:
     return float(np.median(np.divide(err, scale, out=np.zeros_like(err), where=scale > 0)))
 
 
+def _unmeasured(units: list[dict[str, Any]], checks: list[dict[str, Any]], time_name: str) -> str:
+    """``loop.rotation at t=1, t=2; stein.funnel at t=2``: the model diagnostics a skipped unit left
+    unmeasured (the model unit itself, or the control unit its check needs)."""
+    where: dict[str, list[str]] = {}
+    seen: set[tuple[str, str, str]] = set()
+    for item in [u for u in units if u["field"] == "model" and u["status"] == "skipped"] + [
+            c for c in checks if c["status"] == "skipped"]:
+        time = item.get("time") or {"index": item["time_index"], "t": item["t"]}
+        key = (item["diagnostic"], item["variant"], item.get("time_key") or item["time"]["key"])
+        if key not in seen:
+            seen.add(key)
+            where.setdefault(f"{key[0]}.{key[1]}", []).append(time_label(time, time_name))
+    return "; ".join(f"{name} at {', '.join(labels)}" for name, labels in where.items())
+
+
+def _incomplete(units: list[dict[str, Any]], checks: list[dict[str, Any]], time_name: str) -> str:
+    """One clause saying how many units did not run, why, and which diagnostics that leaves unmeasured."""
+    skipped = [u for u in units if u["status"] == "skipped"]
+    why = "; ".join(dict.fromkeys(u.get("message") or "skipped" for u in skipped))
+    text = f"incomplete: {len(skipped)} of {len(units)} units not run ({why})"
+    unmeasured = _unmeasured(units, checks, time_name)
+    return f"{text}, unmeasured: {unmeasured}" if unmeasured else text
+
+
 def decide_verdict(
     units: list[dict[str, Any]], problems: list[str], precision: str, time_name: str = "t", complete: bool = True
 ) -> Verdict:
-    """The verdict of an audit from its unit records (rule in the module docstring)."""
+    """The verdict of an audit from its unit records (rule in the module docstring).
+
+    A unit that did not run (status ``skipped``: time budget, or another shard's unit) leaves its check
+    ``skipped``; an audit with skipped units (or ``complete=False``) is never ``pass``: without a
+    violation among the measured checks it is ``invalid``, and every reason names what is unmeasured.
+    """
     rule = {"factor": FLOOR_FACTOR, "headline": dict(HEADLINE), "precision_floor": FLOOR_REL.get(precision, 0.0)}
     by_key = {(u["field"], u["diagnostic"], u["variant"], u["time"]["key"]): u for u in units}
     checks: list[dict[str, Any]] = []
     for u in units:
         metric = headline_metric(u["diagnostic"], u["variant"])
-        if u["field"] != "model" or metric is None or u["status"] == "skipped":
+        if u["field"] != "model" or metric is None:
             continue
         key = (u["diagnostic"], u["variant"], u["time"]["key"])
         check = {"diagnostic": u["diagnostic"], "variant": u["variant"], "time_key": u["time"]["key"],
                  "time_index": u["time"]["index"], "t": u["time"]["t"], "sigma": u["time"]["sigma"], "metric": metric}
+        control_unit = by_key.get(("control", *key))
+        if u["status"] == "skipped" or (control_unit is not None and control_unit["status"] == "skipped"):
+            # Without its own values or its floor, the check cannot be judged either way.
+            checks.append({**check, "status": "skipped", "median": None, "floor": None, "ratio": None})
+            continue
         median = _median(by_key, ("model", *key), metric)
         if median is None:
             checks.append({**check, "status": "invalid", "median": None, "floor": None, "ratio": None})
@@ -244,32 +280,36 @@ def decide_verdict(
         ratio = median / floor if floor > 0 else math.inf
         checks.append({**check, "status": "violation" if median > FLOOR_FACTOR * floor else "pass", "median": median,
                        "control": control, "quadrature": quad, "floor": floor, "ratio": ratio})
-    suffix = "" if complete else " (incomplete: the time budget ran out)"
+    measured = [c for c in checks if c["status"] != "skipped"]
+    incomplete = not complete or any(u["status"] == "skipped" for u in units)
+    clause = _incomplete(units, checks, time_name) if incomplete else ""
+    suffix = f"; {clause}" if clause else ""
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        return Verdict("invalid", f"{problems[0]}{more}", checks, rule)
-    if not checks:
-        return Verdict("invalid", "no diagnostic finished" + suffix, checks, rule)
+        return Verdict("invalid", f"{problems[0]}{more}{suffix}", checks, rule)
+    if not measured:
+        return Verdict("invalid", clause or "no diagnostic finished", checks, rule)
 
     def where(c: dict[str, Any]) -> str:
         return f"{c['diagnostic']}.{c['variant']} {c['metric']} at {time_label({'index': c['time_index'], 't': c['t']}, time_name)}"
 
-    bad = [c for c in checks if c["status"] == "violation"]
+    bad = [c for c in measured if c["status"] == "violation"]
     if bad:
         worst = max(bad, key=lambda c: c["ratio"])
         return Verdict(
             "violation",
             f"{where(worst)}: median {worst['median']:.3g} is {worst['ratio']:.3g}× the numerical floor "
-            f"{worst['floor']:.2g} ({len(bad)} of {len(checks)} checks above {FLOOR_FACTOR:g}×){suffix}",
+            f"{worst['floor']:.2g} ({len(bad)} of {len(measured)} checks above {FLOOR_FACTOR:g}×){suffix}",
             checks, rule,
         )
-    top = max(checks, key=lambda c: c["ratio"])
-    return Verdict(
-        "pass",
-        f"all {len(checks)} checks within {FLOOR_FACTOR:g}× the numerical floor "
-        f"(largest {top['ratio']:.2g}× for {where(top)}){suffix}",
-        checks, rule,
-    )
+    top = max(measured, key=lambda c: c["ratio"])
+    largest = f"largest {top['ratio']:.2g}× for {where(top)}"
+    if incomplete:
+        # Unmeasured diagnostics could hold a violation: an incomplete audit never passes.
+        return Verdict("invalid", f"{clause}; the {len(measured)} measured checks are within {FLOOR_FACTOR:g}× the "
+                                  f"numerical floor ({largest})", checks, rule)
+    return Verdict("pass", f"all {len(measured)} checks within {FLOOR_FACTOR:g}× the numerical floor ({largest})",
+                   checks, rule)
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -312,7 +352,7 @@ class AuditReport:
         cls, header: dict[str, Any], units: list[dict[str, Any]], run: dict[str, Any] | None = None
     ) -> "AuditReport":
         """Build rows, summary and verdict from unit records (each with its ``values``)."""
-        header = _clean(header)
+        header = json_safe(header)
         problems = list(header.get("problems", []))
         problems += [f"{u['diagnostic']}.{u['variant']} ({u['field']}) at "
                      f"{time_label(u['time'], header['process']['time'])}: {u['message']}"
@@ -322,7 +362,7 @@ class AuditReport:
                                  header["process"]["time"], bool(header.get("complete", True)))
         slim = [{"field": u["field"], "diagnostic": u["diagnostic"], "variant": u["variant"], "time_key": u["time"]["key"],
                  "status": u["status"], "message": u.get("message"),
-                 "n": len(next(iter(u["values"].values()))) if u.get("values") else 0, "meta": _clean(u.get("meta", {}))}
+                 "n": len(next(iter(u["values"].values()))) if u.get("values") else 0, "meta": json_safe(u.get("meta", {}))}
                 for u in units]
         return cls(header, slim, rows_from_units(units), summarize(units, int(header["options"]["seed"])), verdict, run)
 
@@ -349,10 +389,10 @@ class AuditReport:
     def to_dict(self, rows: dict[str, Any] | None = None) -> dict[str, Any]:
         """The report as a JSON-ready dict (schema: conservcheck/schema/report.schema.json)."""
         if rows is None:
-            rows = {"columns": list(self.rows.columns), "data": _clean(self.rows.astype(object).values.tolist())}
+            rows = {"columns": list(self.rows.columns), "data": json_safe(self.rows.astype(object).values.tolist())}
         out = {"schema_version": SCHEMA_VERSION, **self.header, "verdict": self.verdict.to_dict(), "units": self.units,
-               "summary": _clean(self._summary.astype(object).to_dict(orient="records")), "rows": rows,
-               "run": _clean(self.run)}
+               "summary": json_safe(self._summary.astype(object).to_dict(orient="records")), "rows": rows,
+               "run": json_safe(self.run)}
         return out
 
     def to_json(self, path: str | Path = "-", inline_rows: bool | None = None) -> str:
@@ -470,6 +510,7 @@ __all__ = [
     "compare",
     "decide_verdict",
     "headline_metric",
+    "json_safe",
     "rows_from_units",
     "summarize",
     "time_label",

@@ -245,7 +245,7 @@ def test_same_seed_same_report_any_batch_size(tmp_path, x0_file):
     a = _run(mixture_probe(), tmp_path, **kw)
     b = _run(mixture_probe(), tmp_path, batch_size=7, **kw)
     assert _comparable(a) == _comparable(b)
-    # 4 KB of loop geometry: two 16-node loops at a time instead of all six.
+    # 4 KB at 48 bytes per float64 loop node component: one 16-node loop (D = 3) at a time instead of all six.
     small = _run(mixture_probe(), tmp_path, memory_budget="4KB", **kw)
     assert _comparable(small) == _comparable(a) and small.run["options"]["memory_budget"] == 4096
     c = _run(mixture_probe(), tmp_path, seed=1, **kw)

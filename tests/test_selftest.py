@@ -16,3 +16,13 @@ def test_every_known_answer_check_passes_on_the_cpu():
                  "curl.hutchinson (double_vjp)", "curl.subjacobian (fd)", "95% CI", "stein"):
         assert part in names, part
     assert {c.dtype for c in checks} == {"float64", "float32"}
+
+
+def test_cli_rejects_an_unknown_device_in_one_line(capsys):
+    from conservcheck.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["selftest", "--device", "tpu9"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device: expected auto, cpu, cuda or cuda:N")
