@@ -1,23 +1,28 @@
-"""Reproduce the paper's figure types with the public API, on the embedded models (reduced CPU form).
+"""Reproduce the paper's figure types with the public API, on the embedded models or on hub models.
 
-* Fig. 2 / 6 — loop integrals |∮ s·dy| (and the Eq. 7 ratio) over rotation, Brownian-bridge and
-  projection loops, and the curl |∂ᵢsⱼ − ∂ⱼsᵢ| of a random 64×64 sub-Jacobian, against the time index k:
-  the embedded ``digits`` DDPM (16×16 digits standing in for the paper's MNIST model), x0 = the training
-  digits (scikit-learn) or, without scikit-learn, the model's own samples.
-* Figs. 5 / 7 — the same loop integrals as box plots per loop type and time index.
+* Fig. 2 / 6 / 8 / 10 — loop integrals |∮ s·dy| (with the per-length and Eq. 7 normalisations) over
+  rotation, Brownian-bridge and projection loops, and the curl |∂ᵢsⱼ − ∂ⱼsᵢ| of a random 64×64
+  sub-Jacobian, against the time index k, for each image model (``--model``, repeatable): by default the
+  embedded ``digits`` DDPM (16×16 digits standing in for the paper's MNIST model, x0 = the training
+  digits from scikit-learn, or the model's own samples without it); on a GPU with the Hub,
+  ``google/ddpm-cifar10-32`` (Figs. 8–11) and ``google/ncsnpp-celebahq-256`` (Fig. 3 b, d and Fig. 12;
+  a VE model, so against σ at the tool's default noise levels).
+* Figs. 5 / 7 / 9 / 11 — the same loop integrals as box plots per loop type and time point.
 * Fig. 3 / 12 (funnel panels) and Fig. 4 — the embedded ``funnel`` MLP, x0 = exact funnel samples: loops,
-  curl (the whole 10×10 Jacobian), and the Stein diagnostic against the funnel's exact score: the error
-  norm ‖s_ref − s_θ‖ and the Stein value ∇·e + s_refᵀe (Eq. 20–21) against t.
+  curl, and the Stein diagnostic against the funnel's exact score: the error norm ‖s_ref − s_θ‖ and the
+  Stein value ∇·e + s_refᵀe (Eq. 20–21) against t.
 
-Every audit is saved as a JSON report; figures come from :func:`conservcheck.plots.plot_report` (what
-``conservcheck plot report.json --out DIR`` runs) and the headline numbers go to ``numbers.md``.
+Each audit is saved as ``<name>.json``; its figures come from :func:`conservcheck.plots.plot_report`
+(what ``conservcheck plot <name>.json --out <name>`` runs) and the medians go to ``numbers.md``.
 
-    python examples/reproduce_figures.py                               # ~minutes on a CPU
-    python examples/reproduce_figures.py --full                         # the paper's protocol (GPU)
-    python examples/reproduce_figures.py --full --model google/ddpm-cifar10-32 --device cuda
+    python examples/reproduce_figures.py --quick                      # a smoke run, ~1 minute on a CPU
+    python examples/reproduce_figures.py                              # reduced CPU form, minutes
+    python examples/reproduce_figures.py --full --device cuda \\
+        --model google/ddpm-cifar10-32 --model google/ncsnpp-celebahq-256
 
-Reduced form: 16 samples per time point, 128 nodes per loop, 6 time indices. ``--full``: 256 samples,
-1000 nodes, k = 0, 50, …, 950, 999 (the paper's protocol, §3.2–3.3).
+Forms: ``--quick`` 4 samples per time point, 32 nodes per loop, 2 time points; the default (reduced)
+16 samples, 128 nodes, 6 time indices; ``--full`` the paper's protocol (§3.2–3.3): 256 samples, 1000
+nodes, k = 0, 50, …, 950, 999 on discrete schedules.
 """
 
 from __future__ import annotations
@@ -30,31 +35,38 @@ import tempfile
 import numpy as np
 import torch
 
-from conservcheck.adapters import embedded
+from conservcheck import DiscreteSchedule
 from conservcheck.audit import audit
 from conservcheck.plots import plot_report
+from conservcheck.reference import resolve_reference
+from conservcheck.references import load_reference
 from conservcheck.report import AuditReport
 
-#: Stein reference for the funnel model: its exact score (``funnel`` in conservcheck.reference: n = D − 1, scale 3).
+#: Stein reference for the funnel model: its exact score (Neal's funnel, n = D − 1, scale 3).
 FUNNEL_REFERENCE = "funnel"
 #: Metrics listed in numbers.md: (diagnostic, metric, label).
 HEADLINE = (
     ("loop", "abs_circulation", "|∮ s·dy|"),
+    ("loop", "abs_circulation_per_length", "|∮ s·dy| / ∮|dy|"),
     ("loop", "abs_eq7", "Eq. 7: 2|∮ s·dy| / ∮|y||dy|"),
     ("curl", "curl_mean_abs", "mean |∂ᵢsⱼ − ∂ⱼsᵢ|"),
     ("stein", "err_norm", "‖s_ref − s_θ‖"),
     ("stein", "stein", "∇·e + s_refᵀe"),
 )
+#: (samples per time point, nodes per loop, time indices on a 1000-step schedule, canonical times) per form.
+FORMS = {
+    "quick": (4, 32, "10,500", "0.05,1.0"),
+    "reduced": (16, 128, "10,100,250,500,750,990", None),
+    "full": (256, 1000, "0:950:50,999", None),
+}
 
 
 def digits_data(folder: pathlib.Path) -> str | None:
     """The training digits as a float array [N, 1, 16, 16] in [−1, 1] (.npy), or None without scikit-learn."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     try:
-        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
         from train_digits import digits_16
-    except ImportError:
-        return None
-    try:
+
         x = digits_16().numpy()
     except ImportError:
         return None
@@ -63,33 +75,34 @@ def digits_data(folder: pathlib.Path) -> str | None:
     return str(path)
 
 
-def funnel_data(folder: pathlib.Path, n: int, seed: int) -> str:
-    """n exact samples of the embedded funnel's clean distribution [n, 10] (.npy)."""
-    funnel = embedded.reference_field("funnel")
-    x = funnel.sample(n, torch.Generator().manual_seed(seed)).numpy()
+def funnel_data(folder: pathlib.Path, probe, n: int, seed: int) -> str:
+    """n exact samples [n, 10] of the funnel the embedded model was trained on (the Stein reference's law)."""
+    x = resolve_reference(FUNNEL_REFERENCE, probe).sample(n, torch.Generator().manual_seed(seed)).numpy()
     path = folder / "funnel.npy"
     np.save(path, x)
     return str(path)
 
 
 def numbers_table(report: AuditReport, title: str) -> str:
-    """Markdown: median of each headline metric per loop type / variant and time point, control in brackets."""
+    """Markdown: median of each headline metric per variant and time point, the control's median in brackets."""
     s = report.summary(field=None)
     s = s[s["status"] == "ok"]
-    lines = [f"## {title}", "", f"model `{report.header['model'].get('reference')}`, verdict: **{report.verdict}**", ""]
+    lines = [f"## {title}", "", f"model `{report.header['model'].get('reference')}`, "
+             f"{report.header['options']['n_samples']} samples per time point, "
+             f"{report.header['options']['n_points']} nodes per loop; verdict: **{report.verdict}**", ""]
     for diagnostic, metric, label in HEADLINE:
         sub = s[(s["diagnostic"] == diagnostic) & (s["metric"] == metric)]
         if sub.empty:
             continue
         keys = list(dict.fromkeys(sub.sort_values("t")["time_key"]))
-        lines += [f"**{label}** — median over samples (conservative control's median in brackets)", "",
+        lines += [f"**{label}** — median over samples (the conservative control's median in brackets)", "",
                   "| variant | " + " | ".join(report.time_label(k) for k in keys) + " |",
                   "|---" * (len(keys) + 1) + "|"]
         for variant in dict.fromkeys(sub["variant"]):
             cells = []
             for key in keys:
-                model = sub[(sub["variant"] == variant) & (sub["time_key"] == key) & (sub["field"] == "model")]
-                ctrl = sub[(sub["variant"] == variant) & (sub["time_key"] == key) & (sub["field"] == "control")]
+                at = sub[(sub["variant"] == variant) & (sub["time_key"] == key)]
+                model, ctrl = at[at["field"] == "model"], at[at["field"] == "control"]
                 cell = f"{float(model['median'].iloc[0]):.3g}" if len(model) else "–"
                 cells.append(cell + (f" ({float(ctrl['median'].iloc[0]):.2g})" if len(ctrl) else ""))
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -97,9 +110,9 @@ def numbers_table(report: AuditReport, title: str) -> str:
     return "\n".join(lines)
 
 
-def run(model: str, out: pathlib.Path, name: str, **options) -> AuditReport:
-    """Audit ``model``, save ``<name>.json`` and its figures under ``out/<name>/``."""
-    print(f"auditing {model} ({name}) …", flush=True)
+def run(model, out: pathlib.Path, name: str, **options) -> AuditReport:
+    """Audit ``model`` (a reference or a probe), save ``<name>.json`` and its figures under ``out/<name>/``."""
+    print(f"auditing {name} …", flush=True)
     report = audit(model, **options)
     report.to_json(out / f"{name}.json")
     figures = plot_report(report, out / name)
@@ -110,41 +123,48 @@ def run(model: str, out: pathlib.Path, name: str, **options) -> AuditReport:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="figures-paper", help="output folder")
-    parser.add_argument("--full", action="store_true",
-                        help="the paper's protocol: 256 samples, 1000 nodes, 21 time indices")
-    parser.add_argument("--model", default="embedded:digits",
-                        help="image model for Figs. 2/5/7 (e.g. google/ddpm-cifar10-32)")
-    parser.add_argument("--device", default="auto")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--quick", action="store_true", help="smoke run: 4 samples, 32 nodes, 2 time points")
+    form.add_argument("--full", action="store_true", help="the paper's protocol: 256 samples, 1000 nodes, 21 time indices")
+    parser.add_argument("--model", action="append", default=None,
+                        help="image model for Figs. 2/5/7 (repeatable; default embedded:digits), "
+                             "e.g. google/ddpm-cifar10-32, google/ncsnpp-celebahq-256")
+    parser.add_argument("--no-funnel", action="store_true", help="skip the funnel audit (Figs. 3, 4, 12)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    mode = "quick" if args.quick else "full" if args.full else "reduced"
+    n_samples, n_points, indices, times = FORMS[mode]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="conservcheck-figures-"))
+    common = dict(n_samples=n_samples, n_points=n_points, seed=args.seed)  # the probes carry the device
 
-    if args.full:
-        common = dict(n_samples=256, n_points=1000, seed=args.seed, device=args.device)
-        indices = "0:950:50,999"
-    else:
-        common = dict(n_samples=16, n_points=128, seed=args.seed, device=args.device)
-        indices = "10,100,250,500,750,990"
-    image_opts = dict(common, paths="rotation,brownian,projection", curl="subjacobian", time_indices=indices)
-    if args.model == "embedded:digits":
-        data = digits_data(scratch)
-        if data is not None:
-            image_opts["data"] = data
-    sections = [numbers_table(run(args.model, out, "image", **image_opts), f"Figs. 2, 5, 7 — {args.model}")]
+    sections = []
+    for ref in args.model or ["embedded:digits"]:
+        probe = load_reference(ref, device=args.device)
+        opts = dict(common, paths="rotation,brownian,projection", curl="subjacobian")
+        if isinstance(probe.time_convention, DiscreteSchedule):
+            opts["time_indices"] = indices  # the paper's axis: the time index k of a 1000-step schedule
+        if ref == "embedded:digits" and (data := digits_data(scratch)) is not None:
+            opts["data"] = data
+        name = ref.replace("embedded:", "").replace("/", "--")
+        sections.append(numbers_table(run(probe, out, name, **opts), f"Figs. 2, 5, 7 — {ref}"))
 
-    funnel_opts = dict(common, paths="rotation,brownian,projection", curl="subjacobian", stein=FUNNEL_REFERENCE,
-                       data=funnel_data(scratch, 4096, args.seed))
-    if not args.full:
-        funnel_opts["n_samples"] = 64
-    sections.append(numbers_table(run("embedded:funnel", out, "funnel", **funnel_opts),
-                                  "Figs. 3, 4, 12 — embedded:funnel against its exact score"))
+    if not args.no_funnel:
+        funnel = load_reference("embedded:funnel", device=args.device)
+        funnel_opts = dict(common, paths="rotation,brownian,projection", curl="subjacobian", stein=FUNNEL_REFERENCE,
+                           data=funnel_data(scratch, funnel, 4096, args.seed))
+        if mode == "reduced":
+            funnel_opts["n_samples"] = 64
+        if times:
+            funnel_opts["times"] = times
+        sections.append(numbers_table(run(funnel, out, "funnel", **funnel_opts),
+                                      "Figs. 3, 4, 12 — embedded:funnel against its exact score"))
 
-    mode = "full (the paper's protocol)" if args.full else "reduced CPU form"
-    header = [f"# Paper figure types — {mode}", "",
+    header = [f"# Paper figure types — {mode} form", "",
               f"Command: `python examples/reproduce_figures.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-              "Figures: `image/` and `funnel/` (redraw with `conservcheck plot image.json --out image`).", ""]
+              "Figures: one folder per audit beside this file (redraw with `conservcheck plot <name>.json --out <name>`).", ""]
     (out / "numbers.md").write_text("\n".join(header + sections) + "\n", encoding="utf-8")
     print(f"numbers written to {out / 'numbers.md'}", flush=True)
 

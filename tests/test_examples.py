@@ -1,0 +1,163 @@
+"""The examples run, in their quick forms, as a user runs them: ``python examples/<script>.py`` in a
+subprocess, with the Hugging Face cache in a temporary folder and the Hub switched off.
+
+Default run (a few seconds each on a 2-core CPU): the two training scripts with a few steps, the
+evaluation pipeline on the embedded funnel, and the CI workflow of ``examples/ci_gate.md`` with its own
+``--fail-if`` conditions. Marked slow (about a minute each): ``reproduce_figures.py --quick`` and
+``latent_diffusion.py --quick``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run(args: list[str], tmp_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command in tmp_path with an empty, offline Hugging Face cache; fail with its output."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def example(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    proc = run([sys.executable, str(EXAMPLES / name), *args], tmp_path)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "conservcheck.cli", *args], tmp_path)
+
+
+def test_train_funnel_quick(tmp_path):
+    example("train_funnel.py", "--steps", "30", "--log-every", "10", "--out", "funnel", tmp_path=tmp_path)
+    record = json.loads((tmp_path / "funnel" / "config.json").read_text())
+    assert (tmp_path / "funnel" / "model.safetensors").stat().st_size > 0
+    errors = record["training"]["relative_score_error"]
+    assert sorted(map(float, errors)) == [0.01, 0.05, 0.2, 0.5, 1.0, 2.0]
+    # After 30 steps the network is far from the score, but its error is bounded: the relative error of
+    # the zero field is 1, and a network that moved the wrong way would exceed it at every t.
+    assert all(0 < e["median"] < 1.5 for e in errors.values())
+    assert min(e["median"] for e in errors.values()) < 1.0
+    assert math.isfinite(record["training"]["final_train_loss"])
+
+
+def test_train_digits_quick_loads_as_a_diffusers_model(tmp_path):
+    import torch
+
+    from conservcheck.references import load_reference
+
+    example("train_digits.py", "--steps", "20", "--log-every", "10", "--eval-draws", "1", "--out", "digits", "--samples", "",
+            tmp_path=tmp_path)
+    record = json.loads((tmp_path / "digits" / "training.json").read_text())
+    probe = load_reference(str(tmp_path / "digits"))
+    assert probe.info.adapter == "diffusers" and probe.sample_shape == (1, 16, 16)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(probe.score(x, torch.tensor([0.1, 1.0]))).all())
+    # ε-prediction MSE: 1 for the zero predictor (E ε² = 1); 20 steps already beat it (measured 0.45).
+    assert record["ema_eval_loss"] < 1.0 and record["parameters"] > 0
+
+
+def test_evaluation_pipeline_on_the_funnel(tmp_path):
+    proc = example("evaluation_pipeline.py", "embedded:funnel", "--samples", "4", "--points", "32",
+                   "--out", "table.md", tmp_path=tmp_path)
+    assert "embedded:funnel" in proc.stdout
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    row = dict(zip(header, (c.strip() for c in lines[4].strip("|").split("|"))))
+    assert row["checkpoint"] == "`embedded:funnel`"
+    # The verdict rule: a violation is a check whose median exceeds 10× its floor.
+    assert (row["verdict"] == "violation") == (float(row["worst / floor"]) > 10)
+    assert float(row["max curl"]) > 0 and float(row["max Eq. 7"]) > 0
+
+
+def _workflow_audit_command() -> list[str]:
+    """The ``conservcheck audit`` command of the workflow in examples/ci_gate.md, as argv."""
+    text = (EXAMPLES / "ci_gate.md").read_text(encoding="utf-8")
+    block = re.search(r"- name: Audit\n\s+run: \|\n(.*?)\n\s+- name:", text, flags=re.S).group(1)
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def test_ci_gate_workflow_on_the_funnel(tmp_path):
+    """The workflow's own command, on the embedded funnel with fewer samples, nodes and time points."""
+    argv = _workflow_audit_command()
+    assert argv[:3] == ["conservcheck", "audit", "./checkpoints/my-ddpm"]
+    argv[2] = "embedded:funnel"
+    argv[argv.index("--samples") + 1] = "4"
+    argv[argv.index("--points") + 1] = "32"
+    proc = cli(*argv[1:], "--times", "0.05,1", "--quiet", tmp_path=tmp_path)
+    report = json.loads((tmp_path / "audit.json").read_text())
+    # Evaluate the two metric conditions from the report's summary, independently of the gate code.
+    summary = [r for r in report["summary"] if r["field"] == "model"]
+    rot = max(r["median"] for r in summary if r["variant"] == "rotation" and r["metric"] == "abs_circulation_ratio")
+    asym = max(r["mean"] for r in summary if r["variant"] == "hutchinson" and r["metric"] == "rel_asym")
+    holds = report["verdict"]["status"] == "invalid" or rot > 0.05 or asym > 0.2
+    assert proc.returncode == (1 if holds else 0), proc.stderr
+    junit = (tmp_path / "audit.xml").read_text()
+    assert junit.count("<testcase") == 3 and junit.count("<failure") == int(rot > 0.05) + int(asym > 0.2)
+    # The workflow's later steps, in-process (the audit above ran as the workflow runs it).
+    from typer.testing import CliRunner
+
+    from conservcheck.cli import app
+
+    runner = CliRunner()
+    figures = runner.invoke(app, ["plot", str(tmp_path / "audit.json"), "--out", str(tmp_path / "figures")])
+    assert figures.exit_code == 0 and (tmp_path / "figures" / "curl_rel_asym.png").exists()
+    eq7 = {}
+    for r in summary:
+        if r["diagnostic"] == "loop" and r["metric"] == "abs_eq7":
+            eq7[r["time_key"]] = max(eq7.get(r["time_key"], 0.0), r["median"])
+    gate = runner.invoke(app, ["gate", str(tmp_path / "audit.json"), "--fail-if", "loop.*.abs_eq7.median > 1 at all times"])
+    assert gate.exit_code == (1 if min(eq7.values()) > 1 else 0)
+
+
+@pytest.mark.slow
+def test_reproduce_figures_quick(tmp_path):
+    example("reproduce_figures.py", "--quick", "--out", "paper", tmp_path=tmp_path)
+    out = tmp_path / "paper"
+    numbers = (out / "numbers.md").read_text()
+    assert "## Figs. 2, 5, 7 — embedded:digits" in numbers and "## Figs. 3, 4, 12 — embedded:funnel" in numbers
+    for name, figures in (("digits", ("loop_abs_circulation.png", "loop_abs_circulation_box.png", "curl_curl_mean_abs.png")),
+                          ("funnel", ("loop_abs_eq7.png", "stein_err_norm.png", "stein_stein.png"))):
+        assert all((out / name / f).stat().st_size > 0 for f in figures)
+        report = json.loads((out / f"{name}.json").read_text())
+        # The rotation loop's control is exactly conservative and integrated by a spectral rule: its
+        # medians sit far below the model's (at least 100×, measured ≥ 10⁴×).
+        med = {(r["field"], r["time_key"]): r["median"] for r in report["summary"]
+               if r["variant"] == "rotation" and r["metric"] == "abs_circulation"}
+        for (field, key), value in med.items():
+            if field == "model":
+                assert value > 100 * med[("control", key)]
+    digits = json.loads((out / "digits.json").read_text())
+    assert [t["index"] for t in digits["time_points"]] == [10, 500]
+    assert digits["data_source"]["kind"] == "array"
+
+
+@pytest.mark.slow
+def test_latent_diffusion_quick(tmp_path):
+    example("latent_diffusion.py", "--quick", "--out", "latent", tmp_path=tmp_path)
+    out = tmp_path / "latent"
+    for part in ("model_index.json", "vae/config.json", "unet/config.json", "scheduler/scheduler_config.json",
+                 "samples.png", "audit.json", "numbers.md", "figures/loop_abs_circulation.png",
+                 "figures/stein_err_norm.png"):
+        assert (out / part).exists(), part
+    # scaling_factor = 1 / std of the latent means: the scaled training latents have unit std.
+    latents = np.load(out / "latents.npy")
+    assert latents.shape == (1797, 2, 8, 8) and abs(float(latents.std()) - 1.0) < 1e-5
+    report = json.loads((out / "audit.json").read_text())
+    assert report["model"]["adapter"] == "latent" and report["model"]["sample_shape"] == [2, 8, 8]
+    assert {u["diagnostic"] + "." + u["variant"] for u in report["units"]} >= {"loop.rotation", "curl.subjacobian", "stein.data"}
+    assert "## Figs. 2 b, d and 4 — latent space" in (out / "numbers.md").read_text()
