@@ -15,7 +15,13 @@ from .process import (
 
 __version__ = "0.1.0"
 
+# Bound after __version__ (the audit records it); the function shadows its module's name on purpose, so
+# `conservcheck.audit(...)` is the call and `from conservcheck.audit import merge` still reaches the module.
+from .audit import audit, merge  # noqa: E402
+from .report import AuditReport  # noqa: E402
+
 __all__ = [
+    "AuditReport",
     "ConservcheckError",
     "DiscreteSchedule",
     "FlowProcess",
@@ -29,6 +35,8 @@ __all__ = [
     "VEProcess",
     "VPSDETime",
     "VectorFieldProbe",
+    "audit",
+    "merge",
     "get_process",
     "__version__",
 ]

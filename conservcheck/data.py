@@ -16,6 +16,10 @@ model's data coordinates and must lie inside ``data_range``. Layouts [N, *sample
 channels-last images [N, H, W, C], single-channel [N, H, W] and flat [N, D] are accepted; images of
 another size are resized (antialiased bilinear) to the probe's height and width.
 
+For a latent probe (one with ``encode`` and ``image_shape``, see :func:`image_target`) images are read at
+the autoencoder's input size, mapped onto its ``image_range`` and encoded into clean latents; arrays shaped
+like the latents are taken as latents.
+
 When the source holds more than n samples, a seeded random subset (stream (seed, "data")) is used.
 """
 
@@ -24,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +97,35 @@ def _read_image(source: Any, channels: int, size: tuple[int, int]) -> np.ndarray
             return _decode(img, channels, size)
 
 
-def _image_shape(probe: VectorFieldProbe, what: str) -> tuple[int, int, int]:
-    if len(probe.sample_shape) != 3:
+@dataclass(frozen=True)
+class Target:
+    """What the read samples must become: per-sample ``shape`` with values in ``data_range``."""
+
+    shape: tuple[int, ...]
+    data_range: tuple[float, float]
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+
+def image_target(probe: VectorFieldProbe) -> Target | None:
+    """The images a latent probe's autoencoder takes, for a probe with ``encode`` and ``image_shape``
+    (e.g. :class:`conservcheck.adapters.latent.LatentProbe`); None for a probe in pixel space."""
+    shape = getattr(probe, "image_shape", None)
+    if shape is None or not callable(getattr(probe, "encode", None)):
+        return None
+    lo, hi = getattr(probe, "image_range", (-1.0, 1.0))
+    return Target(tuple(int(v) for v in shape), (float(lo), float(hi)))
+
+
+def _image_shape(target: Target, what: str) -> tuple[int, int, int]:
+    if len(target.shape) != 3:
         raise UsageError(
-            f"{what}, but the model's samples have shape {probe.sample_shape}",
+            f"{what}, but the model's samples have shape {target.shape}",
             "pass an array file with one row per sample",
         )
-    return probe.sample_shape  # type: ignore[return-value]
+    return target.shape  # type: ignore[return-value]
 
 
 def _subset(count: int, n: int, seed: int, source: str) -> list[int]:
@@ -108,11 +136,11 @@ def _subset(count: int, n: int, seed: int, source: str) -> list[int]:
     return sorted(rng.permutation(count, seed, "data")[:n].tolist())
 
 
-def _from_folder(folder: Path, probe: VectorFieldProbe, n: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _from_folder(folder: Path, target: Target, n: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UsageError(f"no image files in {folder}", "the folder must hold png/jpg/... images")
-    c, h, w = _image_shape(probe, f"{folder} holds images")
+    c, h, w = _image_shape(target, f"{folder} holds images")
     chosen = [files[i] for i in _subset(len(files), n, seed, str(folder))]
     arrays = []
     for path in chosen:
@@ -198,7 +226,9 @@ def _is_image_cell(value: Any) -> bool:
     return isinstance(value, (bytes, bytearray)) or (isinstance(value, dict) and "bytes" in value)
 
 
-def _from_table(spec: str, key: str | None, probe: VectorFieldProbe, n: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _from_table(spec: str, key: str | None, pixels: Target, rows: Target, n: int,
+                seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """An image column decoded at ``pixels``' size, else one numeric column per component of ``rows``."""
     import pandas as pd
 
     frame, key = _read_table(spec, key)
@@ -208,7 +238,7 @@ def _from_table(spec: str, key: str | None, probe: VectorFieldProbe, n: int, see
     image_cols = [c for c in ([key] if key else frame.columns) if len(frame) and _is_image_cell(first[c])]
     idx = _subset(len(frame), n, seed, spec)
     if image_cols:
-        c, h, w = _image_shape(probe, f"{spec} has an image column")
+        c, h, w = _image_shape(pixels, f"{spec} has an image column")
         cells = frame[image_cols[0]].iloc[idx]
         arrays = []
         for cell in cells:
@@ -221,26 +251,26 @@ def _from_table(spec: str, key: str | None, probe: VectorFieldProbe, n: int, see
                 raise UsageError(f"cannot decode an image in {spec}: {reason(err)}", "check the image column") from None
         return np.stack(arrays), {"kind": "table", "column": str(image_cols[0]), "n_available": len(frame)}
     numeric = frame[[key]] if key else frame.select_dtypes("number")
-    if numeric.shape[1] != probe.dim:
+    if numeric.shape[1] != rows.dim:
         numeric = numeric[[c for c in numeric.columns if str(c).lower() not in LABEL_COLUMNS]]
-    if numeric.shape[1] != probe.dim:
+    if numeric.shape[1] != rows.dim:
         raise UsageError(
-            f"{spec} has {numeric.shape[1]} numeric columns, the model's samples have {probe.dim} components",
+            f"{spec} has {numeric.shape[1]} numeric columns, the model's samples have {rows.dim} components",
             "pass a table with one column per component or one image column (name it with #column)",
         )
     return numeric.iloc[idx].to_numpy(), {"kind": "table", "n_available": len(frame)}
 
 
-def _to_layout(arr: np.ndarray, probe: VectorFieldProbe, source: str) -> Tensor:
-    """[N, ...] array → float64 tensor [N, *sample_shape] (transposing or resizing images as needed)."""
-    shape = probe.sample_shape
+def _to_layout(arr: np.ndarray, target: Target, source: str) -> Tensor:
+    """[N, ...] array → float64 tensor [N, *target.shape] (transposing or resizing images as needed)."""
+    shape = target.shape
     x = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float64)
     n = x.shape[0]
     if 0 in x.shape[1:]:
         raise UsageError(f"{source} holds empty samples (shape {tuple(arr.shape[1:])})", "save one non-empty row per sample: [N, ...]")
     if tuple(x.shape[1:]) == shape:
         return x
-    if x.ndim == 2 and x.shape[1] == probe.dim:
+    if x.ndim == 2 and x.shape[1] == target.dim:
         return x.reshape(n, *shape)
     if len(shape) == 3:
         c = shape[0]
@@ -256,8 +286,8 @@ def _to_layout(arr: np.ndarray, probe: VectorFieldProbe, source: str) -> Tensor:
     )
 
 
-def _to_range(x: Tensor, eight_bit: bool, probe: VectorFieldProbe, source: str) -> tuple[Tensor, str]:
-    lo, hi = probe.data_range
+def _to_range(x: Tensor, eight_bit: bool, target: Target, source: str) -> tuple[Tensor, str]:
+    lo, hi = target.data_range
     if eight_bit:
         return lo + (hi - lo) * x.clamp(0, 255) / 255.0, f"8-bit [0, 255] → [{lo:g}, {hi:g}]"
     if not bool(torch.isfinite(x).all()):
@@ -275,6 +305,11 @@ def _to_range(x: Tensor, eight_bit: bool, probe: VectorFieldProbe, source: str) 
 def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
     """n clean samples from ``spec`` (see the module doc) and a description of the source for reports.
 
+    For a latent probe (see :func:`image_target`) images — a folder, an image column, uint8 arrays or
+    arrays shaped like the autoencoder's input — are mapped onto its ``image_range`` and encoded into
+    clean latents with ``probe.encode``; arrays shaped like the latents are used as latents, with no
+    range check (scaled latents have no fixed bounds).
+
     Returns:
         (x0 [n, *sample_shape] float64 on the CPU, {"kind", "path", "n", "mapping", ...}).
     """
@@ -282,10 +317,13 @@ def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Te
     is_remote = "://" in path_text
     path = Path(path_text).expanduser()
     suffix = Path(path_text.split("?")[0]).suffix.lower()
+    model = Target(tuple(probe.sample_shape), tuple(probe.data_range))
+    images = image_target(probe)
+    read_as = images or model
     if not is_remote and not path.exists():
         raise UsageError(f"data not found: {path_text}", HINT)
     if not is_remote and path.is_dir():
-        raw, info = _from_folder(path, probe, n, seed)
+        raw, info = _from_folder(path, read_as, n, seed)
         eight_bit = True
     elif suffix in ARRAY_SUFFIXES and not is_remote:
         full = _load_array(path, key)
@@ -295,7 +333,7 @@ def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Te
         raw, info = full[idx], {"kind": "array", "n_available": int(full.shape[0])}
         eight_bit = raw.dtype == np.uint8
     elif suffix in TABLE_SUFFIXES:
-        raw, info = _from_table(path_text, key, probe, n, seed)
+        raw, info = _from_table(path_text, key, read_as, model, n, seed)
         eight_bit = raw.dtype == np.uint8 or (
             np.issubdtype(raw.dtype, np.integer) and raw.size > 0 and raw.min() >= 0 and raw.max() <= 255
         )
@@ -303,10 +341,22 @@ def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Te
         raise UsageError(f"cannot read {path_text!r}: unknown data format {suffix or '(none)'}", HINT)
     if not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
         raise UsageError(f"{path_text} does not hold real numbers (dtype {raw.dtype})", HINT)
-    x = _to_layout(raw, probe, path_text)
-    x, mapping = _to_range(x, bool(eight_bit), probe, path_text)
+    if images is not None and not eight_bit and _is_latent_layout(raw, model):
+        x = _to_layout(raw, model, path_text)
+        if not bool(torch.isfinite(x).all()):
+            raise UsageError(f"{path_text} contains NaN or Inf", "clean the data")
+        mapping = "latents used as given"
+    elif images is not None:
+        pixels, mapping = _to_range(_to_layout(raw, images, path_text), bool(eight_bit), images, path_text)
+        x = probe.encode(pixels).to("cpu", torch.float64)
+        mapping = f"{mapping}, encoded into latents by the model's autoencoder"
+    else:
+        x = _to_layout(raw, model, path_text)
+        x, mapping = _to_range(x, bool(eight_bit), model, path_text)
     info = {**info, "path": str(spec), "n": n, "mapping": mapping, "sha256": tensor_sha256(x)}
     return x, info
 
 
-__all__ = ["load_data", "tensor_sha256"]
+def _is_latent_layout(raw: np.ndarray, latent: Target) -> bool:
+    return tuple(raw.shape[1:]) in (latent.shape, (latent.dim,))
+

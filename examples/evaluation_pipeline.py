@@ -14,7 +14,7 @@ import argparse
 
 import pandas as pd
 
-from conservcheck.audit import audit
+import conservcheck
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("checkpoints", nargs="*", default=["embedded:digits", "embedded:funnel"])
@@ -25,7 +25,7 @@ args = parser.parse_args()
 
 rows = []
 for ref in args.checkpoints:
-    report = audit(ref, paths="rotation", curl="subjacobian", n_samples=args.samples, n_points=args.points, seed=0)
+    report = conservcheck.audit(ref, paths="rotation", curl="subjacobian", n_samples=args.samples, n_points=args.points, seed=0)
     medians = report.summary().pivot_table(index="metric", values="median", aggfunc="max")["median"]
     rows.append({"checkpoint": ref, "verdict": report.verdict.status,
                  "worst / floor": max((c["ratio"] or 0.0) for c in report.verdict.checks),

@@ -212,15 +212,15 @@ def main() -> None:
     from conservcheck.plots import plot_report
 
     report = audit(str(out), paths="rotation,brownian,projection", curl="subjacobian",
-                   stein=f"data:{out / 'latents.npy'}", time_indices=args.time_indices, n_samples=args.samples,
+                   data=str(out / "latents.npy"), stein=f"data:{out / 'latents.npy'}", time_indices=args.time_indices, n_samples=args.samples,
                    n_points=args.points, seed=args.seed)
     report.to_json(out / "audit.json")
     plot_report(report, out / "figures")
     header = ["# Latent diffusion on the digits — audited in latent space", "",
               f"Command: `python examples/latent_diffusion.py {' '.join(sys.argv[1:])}`".rstrip(), "",
               f"Autoencoder reconstruction MSE {vae_log['recon_mse']:.4f} (images in [−1, 1]), scaling factor "
-              f"{vae_log['scaling_factor']:.4f}; UNet final ε-loss {unet_log['final_loss']:.4f}. x0: samples of the "
-              "latent model; Stein reference: the exact score of the noised training latents.", ""]
+              f"{vae_log['scaling_factor']:.4f}; UNet final ε-loss {unet_log['final_loss']:.4f}. x0: the encoded "
+              "training latents (as the paper's forward samples of the data); Stein reference: the exact score of the noised training latents.", ""]
     (out / "numbers.md").write_text("\n".join(header) + "\n" + numbers_table(
         report, "Figs. 2 b, d and 4 — latent space") + "\n", encoding="utf-8")
     print(f"verdict: {report.verdict}\nreport {out / 'audit.json'}, figures {out / 'figures'}, "

@@ -120,3 +120,25 @@ def test_conditional_unet_is_refused(latent_folder, tmp_path):
     (folder / "unet" / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DConditionModel"}))
     with pytest.raises(ModelLoadError, match="not an unconditional UNet2DModel"):
         latent.load(folder)
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_data_images_are_encoded_and_latents_taken_as_given(latent_folder, kind, tmp_path):
+    import numpy as np
+
+    from conservcheck.data import load_data
+
+    probe = latent.load(latent_folder(kind), dtype=F64)
+    assert probe.image_shape == (3, 16, 16)  # 8×8 latents, two down blocks of the autoencoder
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)  # HWC, 8-bit
+    np.save(tmp_path / "images.npy", pixels)
+    x, info = load_data(str(tmp_path / "images.npy"), probe, 4, seed=0)
+    # The same images mapped onto [−1, 1] and encoded by the probe itself.
+    want = probe.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).double() / 255 * 2 - 1)
+    assert x.shape == (4, *probe.sample_shape) and _rel(x, want) < 1e-12
+    assert info["mapping"].endswith("encoded into latents by the model's autoencoder")
+    # Scaled latents have no fixed bounds: an array shaped like them is used as is, even beyond ±1.
+    z = 3 * torch.randn(5, *probe.sample_shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    np.save(tmp_path / "latents.npy", z.numpy())
+    got, info = load_data(str(tmp_path / "latents.npy"), probe, 5, seed=0)
+    assert torch.equal(got, z) and info["mapping"] == "latents used as given"

@@ -408,3 +408,17 @@ def test_model_samples_are_cached_by_identity(tmp_path, caplog):
     # A probe without a weights hash is never cached.
     model_samples(as_probe(mixture(), (3,)), 4, 0, steps=8, cache_dir=tmp_path / "other")
     assert not list((tmp_path / "other").rglob("*.npy"))
+
+
+def test_package_level_call_is_the_audit(tmp_path, x0_file):
+    import conservcheck
+
+    gm = mixture()
+    x0 = gm.sample(4, torch.Generator().manual_seed(0)).numpy()
+    kw = dict(paths="rotation", curl="none", times=[0.5], n_samples=4, n_points=16, precision="fp64",
+              data=x0_file(x0), cache_dir=str(tmp_path / "cache"))
+    rep = conservcheck.audit(mixture_probe(), **kw)
+    assert isinstance(rep, conservcheck.AuditReport)
+    # Same function, same seed: the identical report through the module path.
+    assert _comparable(rep) == _comparable(audit(mixture_probe(), **kw))
+    assert rep.verdict.status == "pass"

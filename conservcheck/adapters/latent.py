@@ -75,6 +75,15 @@ class LatentProbe(VectorFieldProbe):
         self.shift_factor = None if shift_factor is None else float(shift_factor)
         self.image_range = IMAGE_RANGE
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of the images ``encode`` takes: each of the autoencoder's down blocks but the last
+        halves the resolution (diffusers' Encoder), so H = h · 2^(blocks − 1) for latents [c, h, w]."""
+        cfg = self.autoencoder.config
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        _, h, w = self.sample_shape
+        return int(cfg.in_channels), h * factor, w * factor
+
     def _chunks(self, x: Tensor, batch_size: int, fn: Any) -> Tensor:
         if batch_size < 1:
             raise UsageError(f"batch_size must be positive, got {batch_size}", "pass batch_size >= 1")
