@@ -324,6 +324,16 @@ class Journal:
             os.fsync(f.fileno())
         self.done[record["key"]] = record
 
+    def saved(self) -> int:
+        """Units whose line is complete in the file (a Ctrl-C may land between the write and ``done``)."""
+        count = 0
+        for line in self.path.read_text(encoding="utf-8").splitlines()[1:]:
+            try:
+                count += isinstance(json.loads(line), dict)
+            except ValueError:
+                pass
+        return count
+
 
 # ----------------------------------------------------------------------------------------------- audit
 
@@ -466,7 +476,7 @@ def audit(model: VectorFieldProbe | str = DEFAULT_MODEL, *, progress: Progress |
             if progress is not None:
                 progress(done_work, total, f"{spec.diagnostic}.{spec.variant} {spec.field} {spec.time.key}")
     except KeyboardInterrupt:
-        raise AuditInterrupted(path, len(journal.done), opts["shard"]) from None
+        raise AuditInterrupted(path, journal.saved(), opts["shard"]) from None
     complete = all(r["status"] != "skipped" for r in records)
     header.update(jacobian_strategy=_strategies(records), problems=problems, complete=complete)
     run_info.update(units_reused=reused, partial_results=str(path))
