@@ -32,3 +32,13 @@ class ModelLoadError(ConservcheckError):
 
 class ProbeContractError(ConservcheckError):
     """A probe whose outputs break the contract (shape, finiteness, determinism)."""
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its causes / contexts, outermost first (libraries wrap the error a user must see)."""
+    out: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and all(e is not seen for seen in out):
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, error_chain
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -143,15 +143,6 @@ def _quiet_hub() -> Iterator[None]:
             enable_progress_bars()
 
 
-def _chain(err: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    e: BaseException | None = err
-    while e is not None and all(e is not seen for seen in out):
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
-
-
 def _is_network_error(e: BaseException) -> bool:
     names = {c.__name__ for c in type(e).__mro__}
     return isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)) or bool(names & _NETWORK_ERRORS)
@@ -181,7 +172,7 @@ def explain(
         RevisionNotFoundError,
     )
 
-    chain = _chain(err)
+    chain = error_chain(err)
 
     def find(kind: type | tuple[type, ...]) -> BaseException | None:
         return next((e for e in chain if isinstance(e, kind)), None)

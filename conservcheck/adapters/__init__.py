@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, error_chain
 
 GROUP = "conservcheck.adapters"
 
@@ -208,16 +208,6 @@ _UNSAFE = (
 )
 
 
-def error_chain(err: BaseException) -> list[BaseException]:
-    """``err`` and its causes / contexts, outermost first."""
-    out: list[BaseException] = []
-    e: BaseException | None = err
-    while e is not None and all(e is not seen for seen in out):
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
-
-
 def unsafe_global(err: BaseException) -> str | None:
     """What a pickle needs beyond ``torch.load(weights_only=True)``'s allow-list (a class or function
     name), read from a failed load's exception chain; None when the failure is something else (a damaged
@@ -270,6 +260,22 @@ def quiet_torch_load(file: pathlib.Path, *, weights_only: bool) -> Any:
         return torch.load(file, map_location="cpu", weights_only=weights_only)
 
 
+def single_file(path: pathlib.Path, matches: Any, what: str) -> pathlib.Path | None:
+    """The file ``path`` names when ``matches(file)``, or the one matching file in folder ``path``.
+
+    Raises :class:`ModelLoadError` for a folder holding several (``what`` names them in the message).
+    """
+    path = pathlib.Path(path)
+    if path.is_file():
+        return path if matches(path) else None
+    if not path.is_dir():
+        return None
+    found = sorted(p for p in path.iterdir() if matches(p))
+    if len(found) > 1:
+        raise ModelLoadError(f"{path} holds several {what} ({', '.join(p.name for p in found)})", "name the file itself")
+    return found[0] if found else None
+
+
 def sha256_file(path: pathlib.Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes (streamed)."""
     h = hashlib.sha256()
@@ -309,6 +315,7 @@ __all__ = [
     "reason",
     "registered",
     "sha256_file",
+    "single_file",
     "torch_load",
     "unsafe_global",
 ]

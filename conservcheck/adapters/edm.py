@@ -47,7 +47,7 @@ from torch import Tensor
 from ..errors import ModelLoadError, UsageError
 from ..probe import ProbeInfo, VectorFieldProbe
 from ..process import TimeConvention, VEProcess
-from . import hash_files, reason
+from . import hash_files, reason, single_file
 from .diffusers_unet import check_options
 
 NAME = "edm"
@@ -303,18 +303,7 @@ def _is_network_pickle(file: pathlib.Path) -> bool:
 
 def network_file(path: pathlib.Path) -> pathlib.Path | None:
     """The EDM network pickle a path names: the file, or the one such file in a folder."""
-    path = pathlib.Path(path)
-    if path.is_file():
-        return path if _is_network_pickle(path) else None
-    if not path.is_dir():
-        return None
-    found = sorted(p for p in path.iterdir() if _is_network_pickle(p))
-    if len(found) > 1:
-        raise ModelLoadError(
-            f"{path} holds several EDM network pickles ({', '.join(p.name for p in found)})",
-            "name the pickle file itself",
-        )
-    return found[0] if found else None
+    return single_file(path, _is_network_pickle, "EDM network pickles")
 
 
 def detect(path: pathlib.Path) -> bool:

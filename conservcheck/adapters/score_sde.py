@@ -53,7 +53,7 @@ from torch import Tensor
 from ..errors import ModelLoadError, UsageError
 from ..probe import ProbeInfo, VectorFieldProbe
 from ..process import OUProcess, TimeConvention, VEProcess, VPSDETime, expand_like
-from . import hash_files, torch_load
+from . import hash_files, single_file, torch_load
 from .diffusers_unet import check_options, prepare
 
 NAME = "score_sde"
@@ -498,18 +498,7 @@ def checkpoint_file(path: pathlib.Path) -> pathlib.Path | None:
 
     Raises :class:`ModelLoadError` for a folder holding several.
     """
-    path = pathlib.Path(path)
-    if path.is_file():
-        return path if _is_checkpoint(path) else None
-    if not path.is_dir():
-        return None
-    found = sorted(p for p in path.iterdir() if _is_checkpoint(p))
-    if len(found) > 1:
-        raise ModelLoadError(
-            f"{path} holds several score_sde checkpoints ({', '.join(p.name for p in found)})",
-            "name the checkpoint file itself",
-        )
-    return found[0] if found else None
+    return single_file(path, _is_checkpoint, "score_sde checkpoints")
 
 
 def detect(path: pathlib.Path) -> bool:
