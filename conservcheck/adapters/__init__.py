@@ -21,6 +21,7 @@ import pathlib
 import re
 import struct
 import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -260,6 +261,23 @@ def quiet_torch_load(file: pathlib.Path, *, weights_only: bool) -> Any:
         return torch.load(file, map_location="cpu", weights_only=weights_only)
 
 
+PICKLE_SCAN_BYTES = 16 << 20
+
+
+def pickle_names(file: pathlib.Path, limit: int = PICKLE_SCAN_BYTES) -> bytes:
+    """The pickle bytes of a torch file that name its classes and functions, read without unpickling:
+    a zip file's ``data.pkl``, or the first ``limit`` bytes of a legacy file; empty when unreadable."""
+    try:
+        if zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as zf:
+                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                return zf.read(member) if member else b""
+        with open(file, "rb") as f:
+            return f.read(limit)
+    except (OSError, zipfile.BadZipFile):
+        return b""
+
+
 def single_file(path: pathlib.Path, matches: Any, what: str) -> pathlib.Path | None:
     """The file ``path`` names when ``matches(file)``, or the one matching file in folder ``path``.
 
@@ -314,6 +332,7 @@ __all__ = [
     "quiet_torch_load",
     "reason",
     "registered",
+    "pickle_names",
     "sha256_file",
     "single_file",
     "torch_load",

@@ -47,7 +47,7 @@ from torch import Tensor
 from ..errors import ModelLoadError, UsageError
 from ..probe import ProbeInfo, VectorFieldProbe
 from ..process import TimeConvention, VEProcess
-from . import hash_files, reason, single_file
+from . import hash_files, pickle_names, reason, single_file
 from .diffusers_unet import check_options
 
 NAME = "edm"
@@ -57,7 +57,6 @@ PRECOND_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
 _MARKERS = (b"torch_utils.persistence",) + tuple(name.encode() for name in PRECOND_CLASSES)
 _OPTIONS = ("key", "precision")
 # how much of a pickle to scan for EDM's class names in detect()
-_SCAN_BYTES = 16 << 20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,21 +283,8 @@ def wrap(
 # EDM network pickles
 
 
-def _head(file: pathlib.Path) -> bytes:
-    """The bytes that name a pickle's classes, read without unpickling (a torch zip file's ``data.pkl``)."""
-    try:
-        if zipfile.is_zipfile(file):
-            with zipfile.ZipFile(file) as zf:
-                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-                return zf.read(member) if member else b""
-        with open(file, "rb") as f:
-            return f.read(_SCAN_BYTES)
-    except (OSError, zipfile.BadZipFile):
-        return b""
-
-
 def _is_network_pickle(file: pathlib.Path) -> bool:
-    return file.is_file() and file.suffix.lower() in SUFFIXES and any(m in _head(file) for m in _MARKERS)
+    return file.is_file() and file.suffix.lower() in SUFFIXES and any(m in pickle_names(file) for m in _MARKERS)
 
 
 def network_file(path: pathlib.Path) -> pathlib.Path | None:

@@ -42,7 +42,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -53,7 +52,7 @@ from torch import Tensor
 from ..errors import ModelLoadError, UsageError
 from ..probe import ProbeInfo, VectorFieldProbe
 from ..process import OUProcess, TimeConvention, VEProcess, VPSDETime, expand_like
-from . import hash_files, single_file, torch_load
+from . import hash_files, pickle_names, single_file, torch_load
 from .diffusers_unet import check_options, prepare
 
 NAME = "score_sde"
@@ -64,7 +63,6 @@ _OPTIONS = ("config", "weights", "precision")
 # score_sde feeds continuous VP models t·999 ("the maximum value of time embedding is assumed to 999")
 VP_TIME_SCALE = 999.0
 # how much of a legacy (non-zip) torch file to scan for parameter names in detect()
-_SCAN_BYTES = 16 << 20
 
 # ---------------------------------------------------------------------------------------------------
 # Configs
@@ -476,21 +474,8 @@ def to_original(state: Mapping[str, Tensor], pairs: list[KeyPair]) -> OrderedDic
 # Checkpoints
 
 
-def _scan(file: pathlib.Path) -> bytes:
-    """The pickle bytes of a torch file that name its objects (zip ``data.pkl``, or a legacy file's head)."""
-    try:
-        if zipfile.is_zipfile(file):
-            with zipfile.ZipFile(file) as zf:
-                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-                return zf.read(member) if member else b""
-        with open(file, "rb") as f:
-            return f.read(_SCAN_BYTES)
-    except (OSError, zipfile.BadZipFile):
-        return b""
-
-
 def _is_checkpoint(file: pathlib.Path) -> bool:
-    return file.is_file() and file.suffix.lower() in SUFFIXES and b"all_modules." in _scan(file)
+    return file.is_file() and file.suffix.lower() in SUFFIXES and b"all_modules." in pickle_names(file)
 
 
 def checkpoint_file(path: pathlib.Path) -> pathlib.Path | None:
