@@ -206,3 +206,34 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def audit_end_to_end(tmp_path):
+    """``audit_end_to_end(reference, *flags)`` → the JSON report of a tiny ``conservcheck audit`` run.
+
+    Runs the real command (typer's runner over the app) with two samples, eight loop nodes, rotation
+    loops and a 2×2 curl block at the model's default time points, x0 drawn by a 4-step sampler; asserts
+    exit code 0 and validates the report against the packaged schema.
+    """
+    from importlib import resources
+
+    import jsonschema
+    from typer.testing import CliRunner
+
+    from conservcheck.cli import app
+
+    schema = json.loads(resources.files("conservcheck").joinpath("schema", "report.schema.json").read_text())
+
+    def run(reference, *flags):
+        out = tmp_path / "report.json"
+        args = ["audit", str(reference), "--paths", "rotation", "--curl", "subjacobian", "--block", "2",
+                "--samples", "2", "--points", "8", "--sampler-steps", "4", "--cache-dir", str(tmp_path / "cache"),
+                "--json", str(out), *map(str, flags)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        data = json.loads(out.read_text())
+        jsonschema.validate(data, schema)
+        return data
+
+    return run

@@ -338,3 +338,11 @@ def test_conditional_unet_is_refused(ddpm_folder, tmp_path, change, message):
 def test_unknown_option_is_a_usage_error(ddpm_folder):
     with pytest.raises(UsageError, match="unknown adapter option"):
         diffusers_unet.load(ddpm_folder(), sigma_max=3)
+
+
+def test_ncsnpp_audit_end_to_end(ncsnpp_folder, audit_end_to_end):
+    data = audit_end_to_end(ncsnpp_folder)
+    assert data["model"]["adapter"] == "diffusers" and data["process"]["name"] == "ve"
+    # VE default time points: σ = (0.01 … 50) × the data range's width (1 for [0, 1] data), as canonical t.
+    assert [round(p["sigma"], 6) for p in data["time_points"]] == [0.01, 0.05, 0.2, 1.0, 5.0, 50.0]
+    assert data["verdict"]["status"] in ("pass", "violation")

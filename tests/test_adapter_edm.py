@@ -214,3 +214,12 @@ def test_legacy_autograd_function_falls_back_from_forward_mode():
     # reverse works and is chosen; central differences stay available
     assert "setup_context" in choice.rejected["jvp"]
     assert choice.name == "double_vjp" and "fd" in choice.deviations
+
+
+def test_pickle_audit_end_to_end_records_the_trust_flag(tmp_path, audit_end_to_end):
+    path = _write_pickle(tmp_path / "net", {"ema": EDMPrecond()})
+    data = audit_end_to_end(path, "--trust-remote-code", "--sigmas", "0.5,2")
+    assert data["model"]["adapter"] == "edm" and data["model"]["trust_remote_code"] is True
+    assert data["options"]["trust_remote_code"] is True
+    # The oracle denoiser is the exact score of N(0, σ_data² I): conservative, so every check passes.
+    assert data["verdict"]["status"] == "pass", data["verdict"]

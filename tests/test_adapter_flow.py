@@ -156,3 +156,10 @@ def test_info_and_refusals(flow_folder, tmp_path):
         flow.scheduler_time_scale({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True})
     with pytest.raises(ModelLoadError, match="unsupported flow scheduler"):
         flow.scheduler_time_scale({"_class_name": "FlowMatchLCMScheduler"})
+
+
+def test_flow_audit_end_to_end(flow_folder, audit_end_to_end):
+    data = audit_end_to_end(flow_folder, "--times", "0.3,0.8")
+    assert data["model"]["adapter"] == "flow" and data["process"]["name"] == "flow"
+    assert [p["t"] for p in data["time_points"]] == [0.3, 0.8]
+    assert data["verdict"]["status"] in ("pass", "violation")

@@ -142,3 +142,11 @@ def test_data_images_are_encoded_and_latents_taken_as_given(latent_folder, kind,
     np.save(tmp_path / "latents.npy", z.numpy())
     got, info = load_data(str(tmp_path / "latents.npy"), probe, 5, seed=0)
     assert torch.equal(got, z) and info["mapping"] == "latents used as given"
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_latent_audit_end_to_end(latent_folder, kind, audit_end_to_end):
+    data = audit_end_to_end(latent_folder(kind), "--time-indices", "10,500")
+    assert data["model"]["adapter"] == "latent" and data["model"]["latent"] is True
+    assert [p["index"] for p in data["time_points"]] == [10, 500]
+    assert data["verdict"]["status"] in ("pass", "violation")

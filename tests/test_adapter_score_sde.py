@@ -235,3 +235,11 @@ def test_config_errors(ve_ckpt, tmp_path):
 def _write(path, data):
     path.write_text(json.dumps(data))
     return path
+
+
+def test_checkpoint_audit_end_to_end(ve_ckpt, audit_end_to_end):
+    path, _, _ = ve_ckpt
+    data = audit_end_to_end(path, "--sigmas", "0.1,1")
+    assert data["model"]["adapter"] == "score_sde" and data["process"]["name"] == "ve"
+    assert [p["t"] for p in data["time_points"]] == [0.1, 1.0]  # canonical VE time is σ
+    assert data["verdict"]["status"] in ("pass", "violation")
