@@ -20,8 +20,7 @@ import time
 import numpy as np
 
 from common import (
-    batch_size, build_probe, describe, environment, forward_seconds, n_parameters, parser, peak_memory_gib,
-    print_table, reset_peak_memory, setup, write_json,
+    forward_seconds, network, parser, peak_memory_gib, print_table, reset_peak_memory, write_json,
 )
 from conservcheck.audit import audit
 
@@ -35,15 +34,10 @@ def main() -> None:
     p.add_argument("--curl", default="subjacobian", help="none, subjacobian, hutchinson or both")
     p.add_argument("--sampler-steps", type=int, default=50, help="steps of the sampler that draws x0")
     args = p.parse_args()
-    setup(args)
-    probe = build_probe(args.arch, args.device, args.precision, args.compile)
-    batch = batch_size(args.batch_size, probe)
-    env = environment(probe.device)
+    probe, batch, env, head = network(args, "bench_audit")
     indices = [int(k) for k in np.linspace(10, 990, args.times).round()]
     points = args.points if args.points == "auto" else int(args.points)
-    print(f"# bench_audit | {describe(env)}")
-    print(f"# arch {args.arch} ({n_parameters(probe) / 1e6:.1f}M parameters) | precision {args.precision} | "
-          f"batch {batch} | {args.times} time points × {args.paths} × {args.samples} samples × {points} nodes "
+    print(f"{head} | {args.times} time points × {args.paths} × {args.samples} samples × {points} nodes "
           f"+ curl {args.curl} | x0: {args.sampler_steps}-step sampler")
     forward_seconds(probe, batch, 1)
     reset_peak_memory(probe.device)

@@ -22,8 +22,7 @@ import math
 import torch
 
 from common import (
-    Interleaved, batch_size, build_probe, clean_samples, describe, environment, n_parameters, parser,
-    peak_memory_gib, print_table, reset_peak_memory, setup, time_point, write_json,
+    Interleaved, clean_samples, network, parser, peak_memory_gib, print_table, reset_peak_memory, time_point, write_json,
 )
 from conservcheck.diagnostics.curl import curl_hutchinson, curl_subjacobian, t_quantile
 from conservcheck.engine import Batcher
@@ -47,16 +46,11 @@ def main() -> None:
     p.add_argument("--strategy", default="auto", help="Jacobian strategy: auto, jvp, double_vjp, fd")
     p.add_argument("--index", type=int, default=500, help="DDPM time index k")
     args = p.parse_args()
-    setup(args)
-    probe = build_probe(args.arch, args.device, args.precision, args.compile)
-    batch = batch_size(args.batch_size, probe)
-    env = environment(probe.device)
+    probe, batch, env, head = network(args, "bench_curl")
     timer = Interleaved(probe, batch, args.repeats)
     tp = time_point(probe, args.index)
     x0 = clean_samples(probe, args.samples, args.seed)
-    print(f"# bench_curl | {describe(env)}")
-    print(f"# arch {args.arch} ({n_parameters(probe) / 1e6:.1f}M parameters) | precision {args.precision} | "
-          f"batch {batch} | {args.samples} samples | k = {args.index}")
+    print(f"{head} | {args.samples} samples | k = {args.index}")
     runs = {
         "subjacobian": lambda: curl_subjacobian(probe, x0, tp, seed=args.seed, batcher=Batcher(batch, probe),
                                                 block=args.block, strategy=args.strategy),

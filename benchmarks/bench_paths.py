@@ -12,8 +12,7 @@ process's peak resident memory on the CPU.
 from __future__ import annotations
 
 from common import (
-    Interleaved, batch_size, build_probe, clean_samples, describe, environment, n_parameters, parser,
-    peak_memory_gib, print_table, reset_peak_memory, setup, time_point, write_json,
+    Interleaved, clean_samples, network, parser, peak_memory_gib, print_table, reset_peak_memory, time_point, write_json,
 )
 from conservcheck.diagnostics.loops import loop_diagnostic
 from conservcheck.engine import Batcher
@@ -26,16 +25,11 @@ def main() -> None:
     p.add_argument("--paths", default="rotation,projection,brownian")
     p.add_argument("--index", type=int, default=500, help="DDPM time index k of the loops")
     args = p.parse_args()
-    setup(args)
-    probe = build_probe(args.arch, args.device, args.precision, args.compile)
-    batch = batch_size(args.batch_size, probe)
-    env = environment(probe.device)
+    probe, batch, env, head = network(args, "bench_paths")
     timer = Interleaved(probe, batch, args.repeats)
     tp = time_point(probe, args.index)
     x0 = clean_samples(probe, args.samples, args.seed)
-    print(f"# bench_paths | {describe(env)}")
-    print(f"# arch {args.arch} ({n_parameters(probe) / 1e6:.1f}M parameters) | precision {args.precision} | "
-          f"batch {batch} | {args.samples} loops × {args.points} nodes | k = {args.index}"
+    print(f"{head} | {args.samples} loops × {args.points} nodes | k = {args.index}"
           f"{' | torch.compile' if args.compile else ''}")
     rows = []
     for path in args.paths.split(","):

@@ -74,6 +74,19 @@ def setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def network(args: argparse.Namespace, script: str) -> tuple[VectorFieldProbe, int, dict[str, Any], str]:
+    """The shared start of a network benchmark: process options, the ``--arch`` probe, its batch size and
+    environment; prints the script's banner and returns (probe, batch, environment, the arch line's start)."""
+    setup(args)
+    probe = build_probe(args.arch, args.device, args.precision, args.compile)
+    batch = batch_size(args.batch_size, probe)
+    env = environment(probe.device)
+    print(f"# {script} | {describe(env)}")
+    head = (f"# arch {args.arch} ({n_parameters(probe) / 1e6:.1f}M parameters) | precision {args.precision} | "
+            f"batch {batch}")
+    return probe, batch, env, head
+
+
 def build_probe(arch: str, device: str, precision: str, compile: bool = False) -> VectorFieldProbe:
     """A randomly initialised diffusers UNet2DModel of the named architecture as a DDPM epsilon probe.
 

@@ -388,6 +388,42 @@ def check_options(options: dict[str, Any], accepted: tuple[str, ...] = _OPTIONS)
         raise UsageError(f"unknown adapter option(s) {', '.join(unknown)}", f"accepted: {', '.join(accepted)}")
 
 
+@dataclass
+class LoadedUNet:
+    """A folder's UNet2DModel ready for Jacobian products, with its provenance for :class:`ProbeInfo`."""
+
+    unet: torch.nn.Module
+    weights: WeightsFiles
+    loader: str
+    sha256: str
+    files: dict[str, str]
+
+    @property
+    def data_range(self) -> tuple[float, float]:
+        """[0, 1] for NCSN++-style UNets that centre their input inside, else [−1, 1]."""
+        return (0.0, 1.0) if self.unet.config.center_input_sample else (-1.0, 1.0)
+
+    def provenance(self) -> dict[str, Any]:
+        """The ``ProbeInfo.extra`` entries every diffusers-folder adapter records."""
+        import diffusers
+
+        return {"weights_files": self.files, "weights_format": self.weights.format, "weights_loader": self.loader,
+                "attention_processor": "AttnProcessor", "diffusers_version": diffusers.__version__}
+
+
+def load_unet(lay: Layout, *, device: torch.device | str, dtype: torch.dtype, trust_remote_code: bool,
+              variant: str | None) -> LoadedUNet:
+    """The unconditional UNet2DModel of a folder layout, loaded safely, prepared and hashed."""
+    import diffusers
+
+    check_unconditional(lay.unet_dir)
+    unet, weights, loader = load_component(
+        diffusers.UNet2DModel, lay.unet_dir, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
+    )
+    digest, per_file = hash_files(weights.files, lay.root)
+    return LoadedUNet(prepare(unet.to(device), dtype), weights, loader, digest, per_file)
+
+
 def load(
     path: pathlib.Path,
     *,
@@ -401,8 +437,6 @@ def load(
     Options: ``precision`` (forward-pass mode, see :mod:`conservcheck.precision`), ``variant`` (weights
     variant such as ``fp16``).
     """
-    import diffusers
-
     check_options(options)
     path = pathlib.Path(path)
     lay = layout(path)
@@ -417,32 +451,18 @@ def load(
     if sched_cfg is None:
         raise ModelLoadError(f"{lay.scheduler_config} is not a JSON object", "re-save the scheduler with save_pretrained")
     units = scheduler_units(sched_cfg, str(lay.scheduler_config))
-    check_unconditional(lay.unet_dir)
-    unet, weights, loader = load_component(
-        diffusers.UNet2DModel, lay.unet_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-        variant=options.get("variant"),
-    )
-    unet = prepare(unet.to(device), dtype)
+    loaded = load_unet(lay, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                       variant=options.get("variant"))
+    unet, data_range = loaded.unet, loaded.data_range
     shape = sample_shape(unet.config)
     channels = shape[0] if units.learned_variance and unet.config.out_channels == 2 * shape[0] else None
-    digest, per_file = hash_files(weights.files, lay.root)
-    data_range = (0.0, 1.0) if unet.config.center_input_sample else (-1.0, 1.0)
     info = ProbeInfo(
         name=path.name,
         adapter=NAME,
         reference=str(path),
-        weights_sha256=digest,
+        weights_sha256=loaded.sha256,
         trust_remote_code=bool(trust_remote_code),
-        extra={
-            "family": units.family,
-            **units.extra,
-            "data_range": list(data_range),
-            "weights_files": per_file,
-            "weights_format": weights.format,
-            "weights_loader": loader,
-            "attention_processor": "AttnProcessor",
-            "diffusers_version": diffusers.__version__,
-        },
+        extra={"family": units.family, **units.extra, "data_range": list(data_range), **loaded.provenance()},
     )
     return VectorFieldProbe(
         UNetField(unet, channels),

@@ -31,8 +31,7 @@ from torch import Tensor
 from ..errors import ModelLoadError, UsageError
 from ..probe import ProbeInfo, VectorFieldProbe
 from ..process import FlowProcess, TimeConvention
-from . import hash_files
-from .diffusers_unet import UNetField, check_options, check_unconditional, layout, load_component, prepare, read_json, sample_shape
+from .diffusers_unet import UNetField, check_options, layout, load_unet, read_json, sample_shape
 
 NAME = "flow"
 
@@ -153,8 +152,6 @@ def load(
 
     Options: ``precision`` (see :mod:`conservcheck.precision`), ``variant`` (weights variant).
     """
-    import diffusers
-
     check_options(options, _OPTIONS)
     path = pathlib.Path(path)
     lay = layout(path)
@@ -167,18 +164,13 @@ def load(
     if sched is None:
         raise ModelLoadError(f"{lay.scheduler_config} is not a JSON object", "re-save the scheduler with save_pretrained")
     scale = scheduler_time_scale(sched, str(lay.scheduler_config))
-    check_unconditional(lay.unet_dir)
-    unet, weights, loader = load_component(
-        diffusers.UNet2DModel, lay.unet_dir, dtype=dtype, trust_remote_code=trust_remote_code, variant=options.get("variant")
-    )
-    unet = prepare(unet.to(device), dtype)
-    digest, per_file = hash_files(weights.files, lay.root)
-    data_range = (0.0, 1.0) if unet.config.center_input_sample else (-1.0, 1.0)
+    loaded = load_unet(lay, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                       variant=options.get("variant"))
     info = ProbeInfo(
         name=path.name,
         adapter=NAME,
         reference=str(path),
-        weights_sha256=digest,
+        weights_sha256=loaded.sha256,
         trust_remote_code=bool(trust_remote_code),
         extra={
             "scheduler": sched.get("_class_name"),
@@ -186,14 +178,11 @@ def load(
             "native_range": [0.0, scale],
             "shift": sched.get("shift", 1.0),
             "use_dynamic_shifting": bool(sched.get("use_dynamic_shifting", False)),
-            "weights_files": per_file,
-            "weights_format": weights.format,
-            "weights_loader": loader,
-            "attention_processor": "AttnProcessor",
-            "diffusers_version": diffusers.__version__,
+            **loaded.provenance(),
         },
     )
     return wrap(
-        UNetField(unet), sample_shape=sample_shape(unet.config), time_scale=scale, data_range=data_range,
+        UNetField(loaded.unet), sample_shape=sample_shape(loaded.unet.config), time_scale=scale,
+        data_range=loaded.data_range,
         device=device, dtype=dtype, precision=options.get("precision"), info=info,
     )
