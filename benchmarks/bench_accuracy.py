@@ -22,18 +22,30 @@ from __future__ import annotations
 import time
 
 import torch
-
 from common import build_probe, clean_samples, describe, environment, parser, print_table, setup, time_point, write_json
-from conservcheck.diagnostics.loops import loop_diagnostic
-from conservcheck.engine import Batcher, evaluate
-from conservcheck.paths import LoopBatch, make_loops
-from conservcheck.quadrature import loop_sums
+
+from conservcheck.batching import Batcher, evaluate
+from conservcheck.diagnostics.loop_integral import loop_diagnostic
+from conservcheck.geometry.loops import LoopBatch, loop_sums, make_loops
 
 CASES = {
-    "rotation": [("polygon", 1000), ("periodic", 16), ("periodic", 32), ("periodic", 48), ("periodic", 64), ("periodic", 128),
-                 ("periodic", "auto")],
-    "projection": [("polygon", 1000), ("clenshaw_curtis", 64), ("clenshaw_curtis", 128),
-                   ("clenshaw_curtis", 256), ("clenshaw_curtis", 512), ("clenshaw_curtis", "auto")],
+    "rotation": [
+        ("polygon", 1000),
+        ("periodic", 16),
+        ("periodic", 32),
+        ("periodic", 48),
+        ("periodic", 64),
+        ("periodic", 128),
+        ("periodic", "auto"),
+    ],
+    "projection": [
+        ("polygon", 1000),
+        ("clenshaw_curtis", 64),
+        ("clenshaw_curtis", 128),
+        ("clenshaw_curtis", 256),
+        ("clenshaw_curtis", 512),
+        ("clenshaw_curtis", "auto"),
+    ],
 }
 REFERENCE_RULE = {"rotation": "periodic", "projection": "clenshaw_curtis"}
 
@@ -62,14 +74,16 @@ class ScoreCache:
 def load(args):
     if args.model is None:
         return build_probe(args.arch, args.device, "fp64")
-    from conservcheck.references import load_reference
+    from conservcheck.adapters.resolve import load_reference
 
     return load_reference(args.model, device=args.device, dtype=torch.float64)
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--model", default=None, help="a model reference, e.g. embedded:digits (default: a random --arch network)")
+    p.add_argument(
+        "--model", default=None, help="a model reference, e.g. embedded:digits (default: a random --arch network)"
+    )
     p.add_argument("--samples", type=int, default=8, help="loops per loop type")
     p.add_argument("--paths", default="rotation,projection")
     p.add_argument("--index", type=int, default=300, help="DDPM time index k of the loops")
@@ -82,8 +96,10 @@ def main() -> None:
     env = environment(probe.device)
     name = args.model or f"random {args.arch}"
     print(f"# bench_accuracy | {describe(env)}")
-    print(f"# model {name} | fp64 | {args.samples} loops per type | k = {args.index} | reference: "
-          f"{args.reference_points} nodes")
+    print(
+        f"# model {name} | fp64 | {args.samples} loops per type | k = {args.index} | reference: "
+        f"{args.reference_points} nodes"
+    )
     tp = time_point(probe, args.index)
     x0 = clean_samples(probe, args.samples, args.seed)
     batcher = Batcher(int(args.batch_size or 256), probe)
@@ -102,34 +118,56 @@ def main() -> None:
         ref_err = ((ref - ref_sums["circulation_coarse"].cpu()).abs() / scale).max()
         for rule, n in CASES[path]:
             if n == "auto":
-                res = loop_diagnostic(probe, x0, tp, seed=args.seed, batcher=batcher, path=path, rule=rule,
-                                      n_points="auto", tol=args.tol)
+                res = loop_diagnostic(
+                    probe, x0, tp, seed=args.seed, batcher=batcher, path=path, rule=rule, n_points="auto", tol=args.tol
+                )
                 circ, evals = res.values["circulation"], res.meta["n_evals"] / args.samples
             else:
                 circ, evals = fixed(rule, n)
             err = (circ - ref).abs() / scale
-            rows.append({"model": name, "path": path, "rule": rule, "nodes": str(n), "evals": evals,
-                         "median_rel": float(err.median()), "max_rel": float(err.max()),
-                         "median_rel_circ": float(((circ - ref).abs() / ref.abs()).median()),
-                         "reference_points": ref_loops.n_points, "reference_coarse_diff": float(ref_err)})
+            rows.append(
+                {
+                    "model": name,
+                    "path": path,
+                    "rule": rule,
+                    "nodes": str(n),
+                    "evals": evals,
+                    "median_rel": float(err.median()),
+                    "max_rel": float(err.max()),
+                    "median_rel_circ": float(((circ - ref).abs() / ref.abs()).median()),
+                    "reference_points": ref_loops.n_points,
+                    "reference_coarse_diff": float(ref_err),
+                }
+            )
         mine = [r for r in rows if r["path"] == path]
         paper = next(r for r in mine if r["rule"] == "polygon")
         good = [r for r in mine if r["rule"] != "polygon" and r["median_rel"] <= paper["median_rel"]]
         best = min(good, key=lambda r: r["evals"]) if good else None
         summary.append((path, paper, best, float(ref_err)))
     print()
-    print_table(rows, [("path", "loop", ""), ("rule", "rule", ""), ("nodes", "nodes", ""),
-                       ("evals", "evals/loop", ".0f"), ("median_rel", "median err / ∮|s||dy|", ".2e"),
-                       ("max_rel", "max err / ∮|s||dy|", ".2e"), ("median_rel_circ", "median err / |∮s·dy|", ".2e")])
+    print_table(
+        rows,
+        [
+            ("path", "loop", ""),
+            ("rule", "rule", ""),
+            ("nodes", "nodes", ""),
+            ("evals", "evals/loop", ".0f"),
+            ("median_rel", "median err / ∮|s||dy|", ".2e"),
+            ("max_rel", "max err / ∮|s||dy|", ".2e"),
+            ("median_rel_circ", "median err / |∮s·dy|", ".2e"),
+        ],
+    )
     print()
     for path, paper, best, ref_err in summary:
         print(f"{path}: reference's own nested-rule difference ≤ {ref_err:.1e} (relative to ∮|s||dy|)")
         if best is None:
             print(f"{path}: no high-order case reached the polygon rule's median error {paper['median_rel']:.2e}")
         else:
-            print(f"{path}: polygon rule's accuracy ({paper['median_rel']:.2e} at {paper['evals']:.0f} evaluations) "
-                  f"reached by {best['rule']} at {best['evals']:.0f} evaluations: "
-                  f"ratio {paper['evals'] / best['evals']:.1f}× fewer (target ≥ 16× on rotation loops)")
+            print(
+                f"{path}: polygon rule's accuracy ({paper['median_rel']:.2e} at {paper['evals']:.0f} evaluations) "
+                f"reached by {best['rule']} at {best['evals']:.0f} evaluations: "
+                f"ratio {paper['evals'] / best['evals']:.1f}× fewer (target ≥ 16× on rotation loops)"
+            )
     print(f"(benchmark wall time {time.perf_counter() - t0:.0f} s)")
     write_json(args.json, "accuracy", args, env, rows)
 

@@ -18,11 +18,17 @@ import tempfile
 import time
 
 import numpy as np
-
 from common import (
-    forward_seconds, network, parser, peak_memory_gib, print_table, reset_peak_memory, write_json,
+    forward_seconds,
+    network,
+    parser,
+    peak_memory_gib,
+    print_table,
+    reset_peak_memory,
+    write_json,
 )
-from conservcheck.audit import audit
+
+from conservcheck.runner.audit import audit
 
 
 def main() -> None:
@@ -37,15 +43,26 @@ def main() -> None:
     probe, batch, env, head = network(args, "bench_audit")
     indices = [int(k) for k in np.linspace(10, 990, args.times).round()]
     points = args.points if args.points == "auto" else int(args.points)
-    print(f"{head} | {args.times} time points × {args.paths} × {args.samples} samples × {points} nodes "
-          f"+ curl {args.curl} | x0: {args.sampler_steps}-step sampler")
+    print(
+        f"{head} | {args.times} time points × {args.paths} × {args.samples} samples × {points} nodes "
+        f"+ curl {args.curl} | x0: {args.sampler_steps}-step sampler"
+    )
     forward_seconds(probe, batch, 1)
     reset_peak_memory(probe.device)
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
-        report = audit(probe, time_indices=indices, n_samples=args.samples, n_points=points, paths=args.paths,
-                       curl=args.curl, batch_size=batch, seed=args.seed, sampler_steps=args.sampler_steps,
-                       cache_dir=cache)
+        report = audit(
+            probe,
+            time_indices=indices,
+            n_samples=args.samples,
+            n_points=points,
+            paths=args.paths,
+            curl=args.curl,
+            batch_size=batch,
+            seed=args.seed,
+            sampler_steps=args.sampler_steps,
+            cache_dir=cache,
+        )
         seconds = time.perf_counter() - t0
     peak = peak_memory_gib(probe.device)
     model_units = [u for u in report.units if u["field"] == "model"]
@@ -56,17 +73,43 @@ def main() -> None:
     fwd = min(forward_seconds(probe, batch, calls)[0] for _ in range(max(1, args.repeats)))
     ideal = evals * fwd
     statuses = sorted({u["status"] for u in report.units})
-    row = {"arch": args.arch, "precision": args.precision, "times": args.times, "samples": args.samples,
-           "points": str(points), "curl": args.curl, "batch": batch, "units": len(report.units),
-           "evals": evals, "sampling_evals": sampling, "seconds": seconds, "forward_rate": 1 / fwd,
-           "ideal_seconds": ideal, "ratio": ideal / seconds, "peak_gib": peak, "verdict": str(report.verdict).split(":")[0],
-           "statuses": ",".join(statuses)}
-    print_table([row], [("units", "units", "d"), ("evals", "model evals", ","), ("seconds", "wall s", ".1f"),
-                        ("forward_rate", "forward/s", ",.1f"), ("ideal_seconds", "ideal s", ".1f"),
-                        ("ratio", "ideal / wall", ".3f"), ("peak_gib", "peak GiB", ".2f"),
-                        ("verdict", "verdict", ""), ("statuses", "unit status", "")])
-    print(f"\nratio ideal / wall: {row['ratio']:.3f}; wall time {seconds / 60:.2f} min "
-          f"(target for the full protocol on ddpm-cifar10: < 3 min on one H100)")
+    row = {
+        "arch": args.arch,
+        "precision": args.precision,
+        "times": args.times,
+        "samples": args.samples,
+        "points": str(points),
+        "curl": args.curl,
+        "batch": batch,
+        "units": len(report.units),
+        "evals": evals,
+        "sampling_evals": sampling,
+        "seconds": seconds,
+        "forward_rate": 1 / fwd,
+        "ideal_seconds": ideal,
+        "ratio": ideal / seconds,
+        "peak_gib": peak,
+        "verdict": str(report.verdict).split(":")[0],
+        "statuses": ",".join(statuses),
+    }
+    print_table(
+        [row],
+        [
+            ("units", "units", "d"),
+            ("evals", "model evals", ","),
+            ("seconds", "wall s", ".1f"),
+            ("forward_rate", "forward/s", ",.1f"),
+            ("ideal_seconds", "ideal s", ".1f"),
+            ("ratio", "ideal / wall", ".3f"),
+            ("peak_gib", "peak GiB", ".2f"),
+            ("verdict", "verdict", ""),
+            ("statuses", "unit status", ""),
+        ],
+    )
+    print(
+        f"\nratio ideal / wall: {row['ratio']:.3f}; wall time {seconds / 60:.2f} min "
+        f"(target for the full protocol on ddpm-cifar10: < 3 min on one H100)"
+    )
     write_json(args.json, "audit", args, env, [row])
 
 

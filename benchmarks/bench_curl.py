@@ -20,12 +20,20 @@ from __future__ import annotations
 import math
 
 import torch
-
 from common import (
-    Interleaved, clean_samples, network, parser, peak_memory_gib, print_table, reset_peak_memory, time_point, write_json,
+    Interleaved,
+    clean_samples,
+    network,
+    parser,
+    peak_memory_gib,
+    print_table,
+    reset_peak_memory,
+    time_point,
+    write_json,
 )
+
+from conservcheck.batching import Batcher
 from conservcheck.diagnostics.curl import curl_hutchinson, curl_subjacobian, t_quantile
-from conservcheck.engine import Batcher
 
 Z95 = 1.959963984540054
 
@@ -52,10 +60,12 @@ def main() -> None:
     x0 = clean_samples(probe, args.samples, args.seed)
     print(f"{head} | {args.samples} samples | k = {args.index}")
     runs = {
-        "subjacobian": lambda: curl_subjacobian(probe, x0, tp, seed=args.seed, batcher=Batcher(batch, probe),
-                                                block=args.block, strategy=args.strategy),
-        "hutchinson": lambda: curl_hutchinson(probe, x0, tp, seed=args.seed, batcher=Batcher(batch, probe),
-                                              n_probes=args.probes, strategy=args.strategy),
+        "subjacobian": lambda: curl_subjacobian(
+            probe, x0, tp, seed=args.seed, batcher=Batcher(batch, probe), block=args.block, strategy=args.strategy
+        ),
+        "hutchinson": lambda: curl_hutchinson(
+            probe, x0, tp, seed=args.seed, batcher=Batcher(batch, probe), n_probes=args.probes, strategy=args.strategy
+        ),
     }
     rows = []
     for name, run in runs.items():
@@ -72,19 +82,40 @@ def main() -> None:
             per_sample = float((res.values["rel_asym_ci_high"] - res.values["rel_asym_ci_low"]).median())
             setting = f"{args.probes} probes"
         mean, width = across_ci(rel)
-        rows.append({
-            "arch": args.arch, "precision": args.precision, "estimator": name, "setting": setting,
-            "strategy": res.meta["strategy"], "samples": args.samples, "seconds": t.seconds,
-            "evals": t.evals, "fpe_counted": t.evals / args.samples,
-            "fpe_measured": t.seconds / t.forward / args.samples, "forward_rate": 1 / t.forward,
-            "rel_asym": mean, "ci_across": width, "ci_per_sample": per_sample,
-            "peak_gib": peak_memory_gib(probe.device),
-        })
-    print_table(rows, [("estimator", "estimator", ""), ("setting", "setting", ""), ("strategy", "strategy", ""),
-                       ("seconds", "wall s", ".2f"), ("fpe_counted", "fwd-eq/sample (counted)", ".0f"),
-                       ("fpe_measured", "fwd-eq/sample (measured)", ".1f"), ("rel_asym", "mean rel. asym.", ".4f"),
-                       ("ci_across", "across-sample CI", ".4f"), ("ci_per_sample", "per-sample CI", ".4f"),
-                       ("peak_gib", "peak GiB", ".2f")])
+        rows.append(
+            {
+                "arch": args.arch,
+                "precision": args.precision,
+                "estimator": name,
+                "setting": setting,
+                "strategy": res.meta["strategy"],
+                "samples": args.samples,
+                "seconds": t.seconds,
+                "evals": t.evals,
+                "fpe_counted": t.evals / args.samples,
+                "fpe_measured": t.seconds / t.forward / args.samples,
+                "forward_rate": 1 / t.forward,
+                "rel_asym": mean,
+                "ci_across": width,
+                "ci_per_sample": per_sample,
+                "peak_gib": peak_memory_gib(probe.device),
+            }
+        )
+    print_table(
+        rows,
+        [
+            ("estimator", "estimator", ""),
+            ("setting", "setting", ""),
+            ("strategy", "strategy", ""),
+            ("seconds", "wall s", ".2f"),
+            ("fpe_counted", "fwd-eq/sample (counted)", ".0f"),
+            ("fpe_measured", "fwd-eq/sample (measured)", ".1f"),
+            ("rel_asym", "mean rel. asym.", ".4f"),
+            ("ci_across", "across-sample CI", ".4f"),
+            ("ci_per_sample", "per-sample CI", ".4f"),
+            ("peak_gib", "peak GiB", ".2f"),
+        ],
+    )
     sub, hut = rows
     print(f"\nforward throughput (bare network, batch {batch}): {sub['forward_rate']:,.1f} samples/s")
     print(f"ratio of wall times, Hutchinson / sub-Jacobian: {hut['seconds'] / sub['seconds']:.3f}")

@@ -12,10 +12,19 @@ process's peak resident memory on the CPU.
 from __future__ import annotations
 
 from common import (
-    Interleaved, clean_samples, network, parser, peak_memory_gib, print_table, reset_peak_memory, time_point, write_json,
+    Interleaved,
+    clean_samples,
+    network,
+    parser,
+    peak_memory_gib,
+    print_table,
+    reset_peak_memory,
+    time_point,
+    write_json,
 )
-from conservcheck.diagnostics.loops import loop_diagnostic
-from conservcheck.engine import Batcher
+
+from conservcheck.batching import Batcher
+from conservcheck.diagnostics.loop_integral import loop_diagnostic
 
 
 def main() -> None:
@@ -29,23 +38,48 @@ def main() -> None:
     timer = Interleaved(probe, batch, args.repeats)
     tp = time_point(probe, args.index)
     x0 = clean_samples(probe, args.samples, args.seed)
-    print(f"{head} | {args.samples} loops × {args.points} nodes | k = {args.index}"
-          f"{' | torch.compile' if args.compile else ''}")
+    print(
+        f"{head} | {args.samples} loops × {args.points} nodes | k = {args.index}"
+        f"{' | torch.compile' if args.compile else ''}"
+    )
     rows = []
     for path in args.paths.split(","):
         batcher = Batcher(batch, probe)
         reset_peak_memory(probe.device)
-        t = timer.measure(lambda: loop_diagnostic(
-            probe, x0, tp, seed=args.seed, batcher=batcher, path=path, n_points=args.points),
-            lambda r: r.meta["n_evals"])
-        rows.append({"arch": args.arch, "precision": args.precision, "path": path, "batch": batch,
-                     "samples": args.samples, "points": args.points, "evals": t.evals, "seconds": t.seconds,
-                     "rate": t.evals / t.seconds, "forward_rate": 1 / t.forward, "ratio": t.ratio,
-                     "cpu_ratio": t.cpu_ratio, "peak_gib": peak_memory_gib(probe.device)})
-    print_table(rows, [("path", "loop", ""), ("evals", "evaluations", ","), ("seconds", "wall s", ".2f"),
-                       ("rate", "evals/s", ",.1f"), ("forward_rate", "forward/s", ",.1f"),
-                       ("ratio", "ratio", ".3f"), ("cpu_ratio", "CPU-time ratio", ".3f"),
-                       ("peak_gib", "peak GiB", ".2f")])
+        t = timer.measure(
+            lambda: loop_diagnostic(probe, x0, tp, seed=args.seed, batcher=batcher, path=path, n_points=args.points),
+            lambda r: r.meta["n_evals"],
+        )
+        rows.append(
+            {
+                "arch": args.arch,
+                "precision": args.precision,
+                "path": path,
+                "batch": batch,
+                "samples": args.samples,
+                "points": args.points,
+                "evals": t.evals,
+                "seconds": t.seconds,
+                "rate": t.evals / t.seconds,
+                "forward_rate": 1 / t.forward,
+                "ratio": t.ratio,
+                "cpu_ratio": t.cpu_ratio,
+                "peak_gib": peak_memory_gib(probe.device),
+            }
+        )
+    print_table(
+        rows,
+        [
+            ("path", "loop", ""),
+            ("evals", "evaluations", ","),
+            ("seconds", "wall s", ".2f"),
+            ("rate", "evals/s", ",.1f"),
+            ("forward_rate", "forward/s", ",.1f"),
+            ("ratio", "ratio", ".3f"),
+            ("cpu_ratio", "CPU-time ratio", ".3f"),
+            ("peak_gib", "peak GiB", ".2f"),
+        ],
+    )
     worst = min(r["ratio"] for r in rows)
     print(f"\nratio (worst loop type): {worst:.3f} (target ≥ 0.9 on an H100/H200)")
     write_json(args.json, "paths", args, env, rows)

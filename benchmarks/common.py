@@ -16,34 +16,49 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from conservcheck import DiscreteSchedule, OUProcess, ProbeInfo, VectorFieldProbe
-from conservcheck.diagnostics.base import TimePoint
 from conservcheck.precision import forward_context
+from conservcheck.timepoints import TimePoint
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     # google/ddpm-cifar10-32's UNet2DModel configuration (35.7M parameters).
     "ddpm-cifar10": dict(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), freq_shift=1, flip_sin_to_cos=False,
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        freq_shift=1,
+        flip_sin_to_cos=False,
     ),
     # A 256×256 DDPM architecture shaped like google/ddpm-celebahq-256 (113.7M parameters).
     "ddpm-256": dict(
-        sample_size=256, in_channels=3, out_channels=3, block_out_channels=(128, 128, 256, 256, 512, 512),
+        sample_size=256,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 128, 256, 256, 512, 512),
         layers_per_block=2,
         down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
     ),
     # The smallest configuration, for CPU runs: a 1×16×16 UNet of the embedded digits model's size.
     "tiny-16": dict(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     ),
 }
@@ -56,9 +71,13 @@ def default_device() -> str:
 def parser(description: str | None) -> argparse.ArgumentParser:
     """The options every benchmark takes."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="tiny-16", choices=sorted(ARCHITECTURES), help="network architecture (random weights)")
+    p.add_argument(
+        "--arch", default="tiny-16", choices=sorted(ARCHITECTURES), help="network architecture (random weights)"
+    )
     p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--precision", default="fp32", choices=["fp64", "fp32", "tf32", "bf16"], help="forward-pass precision")
+    p.add_argument(
+        "--precision", default="fp32", choices=["fp64", "fp32", "tf32", "bf16"], help="forward-pass precision"
+    )
     p.add_argument("--batch-size", default=None, help="model batch size, or auto (default: auto on CUDA, 64 on CPU)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up run; the best is kept")
     p.add_argument("--compile", action="store_true", help="wrap the network in torch.compile (forward passes only)")
@@ -82,8 +101,9 @@ def network(args: argparse.Namespace, script: str) -> tuple[VectorFieldProbe, in
     batch = batch_size(args.batch_size, probe)
     env = environment(probe.device)
     print(f"# {script} | {describe(env)}")
-    head = (f"# arch {args.arch} ({n_parameters(probe) / 1e6:.1f}M parameters) | precision {args.precision} | "
-            f"batch {batch}")
+    head = (
+        f"# arch {args.arch} ({n_parameters(probe) / 1e6:.1f}M parameters) | precision {args.precision} | batch {batch}"
+    )
     return probe, batch, env, head
 
 
@@ -106,8 +126,14 @@ def build_probe(arch: str, device: str, precision: str, compile: bool = False) -
     model = torch.compile(net) if compile else net
     shape = (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
     return VectorFieldProbe(
-        lambda x, k: model(x, k).sample, process=OUProcess(), time_convention=DiscreteSchedule.linear(),
-        parameterization="epsilon", sample_shape=shape, device=device, dtype=dtype, precision=precision,
+        lambda x, k: model(x, k).sample,
+        process=OUProcess(),
+        time_convention=DiscreteSchedule.linear(),
+        parameterization="epsilon",
+        sample_shape=shape,
+        device=device,
+        dtype=dtype,
+        precision=precision,
         info=ProbeInfo(name=f"random-{arch}", adapter="benchmark", extra={"compiled": compile}),
     )
 
@@ -124,7 +150,7 @@ def n_parameters(probe: VectorFieldProbe) -> int | None:
 
 def batch_size(arg: str | None, probe: VectorFieldProbe) -> int:
     """The model batch: an integer, or ``auto`` (the engine's search on CUDA), default auto on CUDA, 64 on CPU."""
-    from conservcheck.engine import find_batch_size
+    from conservcheck.batching import find_batch_size
 
     if arg is None:
         arg = "auto" if probe.device.type == "cuda" else "64"
@@ -220,7 +246,9 @@ class Interleaved:
         for _ in range(self.repeats):
             fw, fc = forward_seconds(self.probe, self.batch, calls)
             seconds, cpu, out = wall(fn, self.probe.device)
-            t = Timing(min(t.seconds, seconds), min(t.cpu_seconds, cpu), min(t.forward, fw), min(t.forward_cpu, fc), n, out)
+            t = Timing(
+                min(t.seconds, seconds), min(t.cpu_seconds, cpu), min(t.forward, fw), min(t.forward_cpu, fc), n, out
+            )
         return t
 
 
@@ -270,9 +298,11 @@ def environment(device: torch.device | str) -> dict[str, Any]:
 
 
 def describe(env: dict[str, Any]) -> str:
-    return (f"{env['date']} | {env['device_name']} ({env['device']}) | {env['cpu_cores']} CPU cores, "
-            f"{env['torch_threads']} torch threads | torch {env['torch']} (CUDA {env['cuda']}) | "
-            f"diffusers {env['diffusers']} | conservcheck {env['conservcheck']}")
+    return (
+        f"{env['date']} | {env['device_name']} ({env['device']}) | {env['cpu_cores']} CPU cores, "
+        f"{env['torch_threads']} torch threads | torch {env['torch']} (CUDA {env['cuda']}) | "
+        f"diffusers {env['diffusers']} | conservcheck {env['conservcheck']}"
+    )
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
@@ -287,8 +317,9 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
         print("| " + " | ".join(cells) + " |")
 
 
-def write_json(path: str | None, benchmark: str, args: argparse.Namespace, env: dict[str, Any],
-               rows: list[dict[str, Any]]) -> None:
+def write_json(
+    path: str | None, benchmark: str, args: argparse.Namespace, env: dict[str, Any], rows: list[dict[str, Any]]
+) -> None:
     """Append one JSON line per row (benchmark name, arguments and environment included) to ``path``."""
     if not path:
         return

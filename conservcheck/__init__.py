@@ -1,8 +1,21 @@
-"""conservcheck: does a diffusion model's learned vector field behave like a score?"""
+"""conservcheck: does a diffusion model's learned vector field behave like a score?
 
-from .errors import ConservcheckError, ModelLoadError, ProbeContractError, UsageError
-from .probe import ProbeInfo, VectorFieldProbe
-from .process import (
+The public API: :func:`load` a model as a :class:`VectorFieldProbe` (a field in score units at canonical
+time), run the diagnostics on it one by one (:func:`loop_diagnostic`, :func:`curl_subjacobian`,
+:func:`curl_hutchinson`, :func:`stein_diagnostic`, :func:`transport_check`) at a :class:`TimePoint`, or
+all of them at once with :func:`audit`, which returns an :class:`AuditReport`. Everything else is
+reachable through its module; names starting with an underscore are private.
+"""
+
+from conservcheck.batching import Batcher
+from conservcheck.diagnostics.curl import curl_hutchinson, curl_subjacobian
+from conservcheck.diagnostics.loop_integral import loop_diagnostic
+from conservcheck.diagnostics.result import DiagnosticResult
+from conservcheck.diagnostics.stein import stein_diagnostic
+from conservcheck.diagnostics.transport import transport_check
+from conservcheck.errors import ConservcheckError, ModelLoadError, ProbeContractError, UsageError
+from conservcheck.probe import ProbeInfo, VectorFieldProbe
+from conservcheck.process import (
     DiscreteSchedule,
     FlowProcess,
     OUProcess,
@@ -12,17 +25,26 @@ from .process import (
     VPSDETime,
     get_process,
 )
+from conservcheck.report import AuditReport
+from conservcheck.report import report_schema as _report_schema
+from conservcheck.runner.audit import AuditInterrupted, audit, load
+from conservcheck.runner.merge import merge
+from conservcheck.runner.options import audit_options
+from conservcheck.timepoints import TimePoint, forward_samples, time_points
+from conservcheck.version import __version__
 
-__version__ = "0.1.0"
 
-# Bound after __version__ (the audit records it); the function shadows its module's name on purpose, so
-# `conservcheck.audit(...)` is the call and `from conservcheck.audit import merge` still reaches the module.
-from .audit import audit, merge  # noqa: E402
-from .report import AuditReport  # noqa: E402
+def report_schema() -> dict:
+    """The JSON schema of a report written by this installation (its registered options included)."""
+    return _report_schema(audit_options())
+
 
 __all__ = [
+    "AuditInterrupted",
     "AuditReport",
+    "Batcher",
     "ConservcheckError",
+    "DiagnosticResult",
     "DiscreteSchedule",
     "FlowProcess",
     "ModelLoadError",
@@ -31,12 +53,22 @@ __all__ = [
     "ProbeContractError",
     "ProbeInfo",
     "TimeConvention",
+    "TimePoint",
     "UsageError",
     "VEProcess",
     "VPSDETime",
     "VectorFieldProbe",
-    "audit",
-    "merge",
-    "get_process",
     "__version__",
+    "audit",
+    "curl_hutchinson",
+    "curl_subjacobian",
+    "forward_samples",
+    "get_process",
+    "load",
+    "loop_diagnostic",
+    "merge",
+    "report_schema",
+    "stein_diagnostic",
+    "time_points",
+    "transport_check",
 ]

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import rng
-from .errors import ProbeContractError
-from .probe import VectorFieldProbe
+from conservcheck import rng
+from conservcheck.errors import ProbeContractError
+from conservcheck.probe import VectorFieldProbe
 
 
 @dataclass
@@ -63,7 +63,8 @@ def check_probe(probe: VectorFieldProbe, batch: int = 4, seed: int = 0) -> Contr
             outs.append((x, t, s))
         if report.nonfinite_times:
             report.problems.append(
-                "model output has NaN/Inf at t = " + ", ".join(f"{v:.4g}" for v in report.nonfinite_times)
+                "model output has NaN/Inf at t = "
+                + ", ".join(f"{v:.4g}" for v in report.nonfinite_times)
                 + " (check the weights and the precision; try --precision fp32)"
             )
         try:
@@ -81,8 +82,9 @@ def _raised(err: Exception, t: float | None) -> str:
     return f"model raised {type(err).__name__}{where}: {first} (run the model on its own at that time to debug it)"
 
 
-def _repeat_checks(probe: VectorFieldProbe, outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   report: ContractReport) -> None:
+def _repeat_checks(
+    probe: VectorFieldProbe, outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], report: ContractReport
+) -> None:
     """Determinism, batch independence and use of the time input, from the first pass's outputs."""
     with torch.no_grad():
         x, t, s = outs[1]
@@ -97,8 +99,7 @@ def _repeat_checks(probe: VectorFieldProbe, outs: list[tuple[torch.Tensor, torch
         single = torch.cat([probe.score(x[i : i + 1], t) for i in range(x.shape[0])])
         if not torch.allclose(single, s, rtol=0, atol=tol * scale, equal_nan=True):
             report.problems.append(
-                "model output for a sample depends on the rest of its batch "
-                "(BatchNorm in training mode? call eval())"
+                "model output for a sample depends on the rest of its batch (BatchNorm in training mode? call eval())"
             )
         first, last = outs[0], outs[-1]
         same_x = probe.score(first[0], last[1])

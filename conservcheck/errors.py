@@ -7,6 +7,8 @@ code 2; library callers catch the class.
 
 from __future__ import annotations
 
+import re
+
 
 class ConservcheckError(Exception):
     """A user-facing failure: bad input, a model that cannot be loaded, a broken probe."""
@@ -42,3 +44,13 @@ def error_chain(err: BaseException) -> list[BaseException]:
         out.append(e)
         e = e.__cause__ or e.__context__
     return out
+
+
+def reason(err: BaseException) -> str:
+    """``Type: first sentence`` of an exception, for one-line messages (torch's weights-only errors give
+    their ``WeightsUnpickler error`` part)."""
+    text = str(err)
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    line = m.group(1) if m else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = line.split(". ")[0].strip()[:200]
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__

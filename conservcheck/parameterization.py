@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .errors import UsageError
+from conservcheck.errors import UsageError
 
 ALIASES = {
     "score": "score",
@@ -80,29 +80,3 @@ def to_score(
         raise UsageError("the velocity parameterization needs dα/dt and dσ/dt", "pass dalpha and dsigma")
     eps = (alpha * out - dalpha * x) / (alpha * dsigma - sigma * dalpha)
     return -eps / sigma
-
-
-def from_score(
-    parameterization: str,
-    score: Tensor,
-    x: Tensor,
-    alpha: Tensor,
-    sigma: Tensor,
-    dalpha: Tensor | None = None,
-    dsigma: Tensor | None = None,
-) -> Tensor:
-    """Inverse of :func:`to_score`: the output a network of that parameterization would give."""
-    kind = canonical_name(parameterization)
-    eps = -sigma * score
-    x0 = (x + sigma**2 * score) / alpha
-    if kind == "score":
-        return score
-    if kind == "epsilon":
-        return eps
-    if kind == "x0":
-        return x0
-    if kind == "v":
-        return alpha * eps - sigma * x0
-    if dalpha is None or dsigma is None:
-        raise UsageError("the velocity parameterization needs dα/dt and dσ/dt", "pass dalpha and dsigma")
-    return dalpha * x0 + dsigma * eps

@@ -16,13 +16,36 @@ float32 or float64 whatever the mode.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from conservcheck.errors import UsageError
 
-MODES = ("fp64", "fp32", "tf32", "bf16")
+
+@dataclass(frozen=True)
+class Precision:
+    """What a forward precision resolves.
+
+    ``eps``: machine epsilon of the forward pass (tf32 and bf16 keep 10 and 7 mantissa bits).
+    ``floor_rel``: the smallest scale-free value (|∮ s·dy| / ∮|s||dy|, a relative curl) it can resolve,
+    ~10⁴ unit roundoffs for fp64 (2^-53), ~16 for fp32 (2^-24), ~2 for tf32 (2^-11) and bf16 (2^-8), whose
+    rounding is then the noise.
+    """
+
+    storage: torch.dtype
+    eps: float
+    floor_rel: float
+
+
+PRECISIONS: dict[str, Precision] = {
+    "fp64": Precision(torch.float64, 2.0**-52, 1e-12),
+    "fp32": Precision(torch.float32, 2.0**-23, 1e-6),
+    "tf32": Precision(torch.float32, 2.0**-10, 1e-3),
+    "bf16": Precision(torch.float32, 2.0**-7, 1e-2),
+}
+MODES = tuple(PRECISIONS)
 
 
 def check_mode(mode: str) -> str:
@@ -35,7 +58,12 @@ def check_mode(mode: str) -> str:
 
 def storage_dtype(mode: str) -> torch.dtype:
     """The dtype inputs and outputs are kept in for a mode."""
-    return torch.float64 if check_mode(mode) == "fp64" else torch.float32
+    return PRECISIONS[check_mode(mode)].storage
+
+
+def floor_rel(mode: str) -> float:
+    """The smallest scale-free value the forward precision ``mode`` resolves (:class:`Precision`)."""
+    return PRECISIONS[check_mode(mode)].floor_rel
 
 
 @contextlib.contextmanager

@@ -14,16 +14,17 @@ Three lines wrap a custom epsilon-network trained with DDPM's linear schedule::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .errors import ProbeContractError, UsageError
-from .parameterization import canonical_name, to_score
-from .precision import check_mode, forward_context
-from .process import OUProcess, Process, TimeConvention, expand_like
+from conservcheck.errors import ProbeContractError, UsageError
+from conservcheck.parameterization import canonical_name, to_score
+from conservcheck.precision import check_mode, forward_context
+from conservcheck.process import OUProcess, Process, TimeConvention, expand_like
 
 
 @dataclass
@@ -78,7 +79,9 @@ class VectorFieldProbe:
         info: ProbeInfo | None = None,
     ) -> None:
         if not callable(fn):
-            raise UsageError(f"the probe's model must be callable, got {type(fn).__name__}", "pass a function or module")
+            raise UsageError(
+                f"the probe's model must be callable, got {type(fn).__name__}", "pass a function or module"
+            )
         self.fn = fn
         self.process = process if process is not None else OUProcess()
         self.sample_shape = tuple(int(d) for d in sample_shape)
@@ -106,7 +109,9 @@ class VectorFieldProbe:
         if t.ndim == 0:
             t = t.expand(batch)
         if t.shape != (batch,):
-            raise UsageError(f"time has shape {tuple(t.shape)}, expected ({batch},) or a scalar", "pass one time per sample")
+            raise UsageError(
+                f"time has shape {tuple(t.shape)}, expected ({batch},) or a scalar", "pass one time per sample"
+            )
         return t
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:

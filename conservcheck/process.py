@@ -19,12 +19,12 @@ the sample dimensions by :func:`expand_like`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from conservcheck.errors import UsageError
 
 
 def expand_like(v: Tensor, x: Tensor) -> Tensor:
@@ -116,11 +116,7 @@ class OUProcess(Process):
         return torch.sqrt(-torch.expm1(-2 * _t(t)))
 
     def t_from_sigma(self, sigma: Tensor) -> Tensor:
-        return -0.5 * torch.log1p(-_t(sigma) ** 2)
-
-    def t_from_alpha_bar(self, alpha_bar: Tensor) -> Tensor:
-        """t = −½ log ᾱ (ᾱ = α² is the DDPM cumulative product)."""
-        return -0.5 * torch.log(_t(alpha_bar))
+        return -0.5 * torch.log1p(-(_t(sigma) ** 2))
 
     def dlog_alpha_dt(self, t: Tensor) -> Tensor:
         return -torch.ones_like(_t(t))
@@ -196,6 +192,29 @@ def get_process(name: str) -> Process:
         raise UsageError(f"unknown process {name!r}", f"use one of {', '.join(sorted(PROCESSES))}") from None
 
 
+def log_snr_grid(process: Process, t_start: float, t_end: float, n: int) -> Tensor:
+    """n canonical times from t_start to t_end, evenly spaced in λ = log(α/σ): [n] float64.
+
+    λ decreases with t for every process here, so each λ is inverted by bisection (200 halvings, to the
+    last bit of float64); the ends are t_start and t_end exactly.
+    """
+
+    def log_nsr(t: Tensor) -> Tensor:
+        return torch.log(process.sigma(t) / process.alpha(t))
+
+    lo = torch.full((n,), float(min(t_start, t_end)), dtype=torch.float64)
+    hi = torch.full((n,), float(max(t_start, t_end)), dtype=torch.float64)
+    ends = log_nsr(torch.tensor([t_start, t_end], dtype=torch.float64))
+    target = torch.linspace(float(ends[0]), float(ends[1]), n, dtype=torch.float64)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        above = log_nsr(mid) > target
+        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+    ts = 0.5 * (lo + hi)
+    ts[0], ts[-1] = float(t_start), float(t_end)
+    return ts
+
+
 class TimeConvention:
     """Maps a model's native time to canonical time and back. The identity by default."""
 
@@ -262,25 +281,25 @@ class DiscreteSchedule(TimeConvention):
         return {"name": self.name, "num_steps": self.num_steps}
 
     @classmethod
-    def from_betas(cls, betas: Sequence[float] | Tensor, name: str = "discrete") -> "DiscreteSchedule":
+    def from_betas(cls, betas: Sequence[float] | Tensor, name: str = "discrete") -> DiscreteSchedule:
         b = torch.as_tensor(betas, dtype=torch.float64)
         return cls(torch.cumprod(1 - b, 0), name=name)
 
     @classmethod
-    def linear(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000) -> "DiscreteSchedule":
+    def linear(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000) -> DiscreteSchedule:
         """DDPM's linear β schedule (Ho et al. 2020; diffusers ``linear``)."""
         return cls.from_betas(torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64), "linear")
 
     @classmethod
     def scaled_linear(
         cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_steps: int = 1000
-    ) -> "DiscreteSchedule":
+    ) -> DiscreteSchedule:
         """Linear in √β (diffusers ``scaled_linear``)."""
         b = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
         return cls.from_betas(b, "scaled_linear")
 
     @classmethod
-    def cosine(cls, num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "DiscreteSchedule":
+    def cosine(cls, num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> DiscreteSchedule:
         """Nichol & Dhariwal's cosine schedule, f(k) = cos²((k/T + s)/(1 + s) · π/2) (the paper's Eq. 6).
 
         As in diffusers' ``squaredcos_cap_v2``, β_k = 1 − f(k+1)/f(k) is clipped at ``max_beta`` so the
@@ -292,7 +311,7 @@ class DiscreteSchedule(TimeConvention):
         return cls.from_betas(betas, "cosine")
 
     @classmethod
-    def sigmoid(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000) -> "DiscreteSchedule":
+    def sigmoid(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000) -> DiscreteSchedule:
         """diffusers' ``sigmoid`` schedule: β = sigmoid(linspace(−6, 6)) · (β_end − β_start) + β_start."""
         b = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
         return cls.from_betas(b, "sigmoid")

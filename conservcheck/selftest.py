@@ -18,21 +18,21 @@ floors justified in the test suite: rounding of O(1) products accumulated over a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .diagnostics.base import TimePoint
-from .diagnostics.curl import block_indices, curl_hutchinson, curl_subjacobian
-from .diagnostics.loops import loop_diagnostic
-from .diagnostics.stein import stein_diagnostic
-from .engine import Batcher
-from .fields import GaussianMixture, LinearField, as_probe
-from .paths import RotationLoop
-from .process import OUProcess
-from .reference import FieldReference
+from conservcheck.analytic.fields import GaussianMixture, LinearField, as_probe
+from conservcheck.analytic.reference_scores import FieldReference
+from conservcheck.batching import Batcher
+from conservcheck.diagnostics.curl import block_indices, curl_hutchinson, curl_subjacobian
+from conservcheck.diagnostics.loop_integral import loop_diagnostic
+from conservcheck.diagnostics.stein import stein_diagnostic
+from conservcheck.geometry.loops.rotation import RotationLoop
+from conservcheck.process import OUProcess
+from conservcheck.timepoints import TimePoint
 
 #: Floor of a scale-free ratio for an exactly conservative field: float64 rounding accumulated over
 #: ~10³–10⁴ products (≈ 1e-14, ×10 margin); float32 ≈ 16 ulps of 2^-24.
@@ -83,8 +83,11 @@ def _checks_for(dtype: torch.dtype, device: torch.device) -> list[Check]:
     def loops(field, path: str, **kw) -> dict[str, Tensor]:
         return loop_diagnostic(probe(field), x0, time, seed=3, batcher=batcher, path=path, **kw).values
 
-    for path, field, kw in (("rotation", mixture, {"n_points": 256}), ("projection", mixture, {"n_points": 1024}),
-                            ("brownian", quadratic, {"n_points": 256})):
+    for path, field, kw in (
+        ("rotation", mixture, {"n_points": 256}),
+        ("projection", mixture, {"n_points": 1024}),
+        ("brownian", quadratic, {"n_points": 256}),
+    ):
         ratio = float(loops(field, path, **kw)["circulation_ratio"].abs().max())
         out.append(Check(f"loop.{path}: |∮s·dy|/∮|s||dy| of a conservative field", label, ratio, FLOOR[dtype]))
 
@@ -97,11 +100,23 @@ def _checks_for(dtype: torch.dtype, device: torch.device) -> list[Check]:
     for strategy in ("jvp", "double_vjp", "fd"):
         floor = (CURL_FLOOR_FD if strategy == "fd" else CURL_FLOOR)[dtype]
         sub = curl_subjacobian(probe(mixture), x0, time, seed=3, batcher=batcher, block=8, strategy=strategy)
-        out.append(Check(f"curl.subjacobian ({strategy}): conservative field", label,
-                         float(sub.values["curl_rel_fro"].max()), floor))
+        out.append(
+            Check(
+                f"curl.subjacobian ({strategy}): conservative field",
+                label,
+                float(sub.values["curl_rel_fro"].max()),
+                floor,
+            )
+        )
         hut = curl_hutchinson(probe(mixture), x0, time, seed=3, batcher=batcher, n_probes=8, strategy=strategy)
-        out.append(Check(f"curl.hutchinson ({strategy}): conservative field", label,
-                         float(hut.values["rel_asym_ci_high"].max()), floor))
+        out.append(
+            Check(
+                f"curl.hutchinson ({strategy}): conservative field",
+                label,
+                float(hut.values["rel_asym_ci_high"].max()),
+                floor,
+            )
+        )
 
     sub = curl_subjacobian(probe(linear), x0, time, seed=3, batcher=batcher, block=6, strategy="jvp")
     sets = block_indices(D, 6, 3, time.key, list(range(len(x0))))
@@ -123,14 +138,23 @@ def _checks_for(dtype: torch.dtype, device: torch.device) -> list[Check]:
     rotated = probe(lambda x, t: ref.score(x, t) - ref.score(x, t) @ k.T)
     st = stein_diagnostic(rotated, x0, time, seed=3, batcher=batcher, reference=ref).values
     size = float(st["err_norm"].pow(2).mean())
-    out.append(Check("stein: 𝒮(K s_ref) = 0 pointwise (relative to ‖e‖²)", label,
-                     float(st["stein"].abs().max()) / size, FLOOR[dtype] * 10))
-    out.append(Check("stein: ‖e‖ of K s_ref is not small (mean ‖e‖/‖s‖)", label,
-                     float(st["rel_err_norm"].mean()), 0.1, True))
+    out.append(
+        Check(
+            "stein: 𝒮(K s_ref) = 0 pointwise (relative to ‖e‖²)",
+            label,
+            float(st["stein"].abs().max()) / size,
+            FLOOR[dtype] * 10,
+        )
+    )
+    out.append(
+        Check("stein: ‖e‖ of K s_ref is not small (mean ‖e‖/‖s‖)", label, float(st["rel_err_norm"].mean()), 0.1, True)
+    )
     return out
 
 
-def selftest(device: torch.device | str = "cpu", dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32)) -> list[Check]:
+def selftest(
+    device: torch.device | str = "cpu", dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32)
+) -> list[Check]:
     """Run every known-answer check on ``device`` for each dtype; see the module docstring."""
     dev = torch.device(device)
     return [c for dtype in dtypes for c in _checks_for(dtype, dev)]

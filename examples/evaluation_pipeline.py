@@ -25,12 +25,20 @@ args = parser.parse_args()
 
 rows = []
 for ref in args.checkpoints:
-    report = conservcheck.audit(ref, paths="rotation", curl="subjacobian", n_samples=args.samples, n_points=args.points, seed=0)
+    report = conservcheck.audit(
+        ref, paths="rotation", curl="subjacobian", n_samples=args.samples, n_points=args.points, seed=0
+    )
     medians = report.summary().pivot_table(index="metric", values="median", aggfunc="max")["median"]
-    rows.append({"checkpoint": ref, "verdict": report.verdict.status,
-                 "worst / floor": max((c["ratio"] or 0.0) for c in report.verdict.checks),
-                 "max Eq. 7": medians.get("abs_eq7"), "max curl": medians.get("curl_mean_abs"),
-                 "seconds": report.run.get("wall_time_s")})
+    rows.append(
+        {
+            "checkpoint": ref,
+            "verdict": report.verdict.status,
+            "worst / floor": max((c["ratio"] or 0.0) for c in report.verdict.checks),
+            "max Eq. 7": medians.get("abs_eq7"),
+            "max curl": medians.get("curl_mean_abs"),
+            "seconds": report.run.get("wall_time_s"),
+        }
+    )
 table = pd.DataFrame(rows)
 print(table.to_string(index=False, float_format="{:.3g}".format))
 if args.out:

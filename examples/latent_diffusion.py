@@ -61,8 +61,14 @@ UNET_CONFIG = dict(
     up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     norm_num_groups=8,
 )
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                        prediction_type="epsilon", clip_sample=False)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=1e-4,
+    beta_end=0.02,
+    prediction_type="epsilon",
+    clip_sample=False,
+)
 
 
 def cosine_lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
@@ -103,16 +109,22 @@ def train_vae(data: torch.Tensor, args: argparse.Namespace):
         loss.backward()
         opt.step()
         if (step + 1) % 250 == 0:
-            print(f"vae  step {step + 1:5d}  recon {rec.item():.4f}  kl/pixel {kl.item():.3f}  "
-                  f"{time.perf_counter() - start:6.1f} s", flush=True)
+            print(
+                f"vae  step {step + 1:5d}  recon {rec.item():.4f}  kl/pixel {kl.item():.3f}  "
+                f"{time.perf_counter() - start:6.1f} s",
+                flush=True,
+            )
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         mean = vae.encode(data).latent_dist.mean
         recon_err = F.mse_loss(vae.decode(mean).sample, data).item()
     scaling = 1.0 / float(mean.std())
     vae.register_to_config(scaling_factor=scaling)
-    return vae, mean * scaling, {"recon_mse": recon_err, "scaling_factor": scaling,
-                                 "seconds": round(time.perf_counter() - start, 1)}
+    return (
+        vae,
+        mean * scaling,
+        {"recon_mse": recon_err, "scaling_factor": scaling, "seconds": round(time.perf_counter() - start, 1)},
+    )
 
 
 def train_unet(latents: torch.Tensor, args: argparse.Namespace):
@@ -164,16 +176,21 @@ def save_pipeline(folder: pathlib.Path, vae, unet, sched, record: dict) -> None:
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     sched.save_pretrained(folder / "scheduler")
-    index = {"_class_name": "DiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
-             "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    index = {
+        "_class_name": "DiffusionPipeline",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="latent-digits",
-                        help="pipeline folder to write (report and figures go inside)")
+    parser.add_argument(
+        "--out", default="latent-digits", help="pipeline folder to write (report and figures go inside)"
+    )
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -185,8 +202,11 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=128, help="nodes per loop")
     parser.add_argument("--time-indices", default="10,100,250,500,750,990")
     parser.add_argument("--sample-steps", type=int, default=1000, help="DDPM steps for the sample PNG")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 40 training steps each, 4 audit samples, 32 nodes, 2 time indices")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 40 training steps each, 4 audit samples, 32 nodes, 2 time indices",
+    )
     parser.add_argument("--skip-audit", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -200,31 +220,53 @@ def main() -> None:
     vae, latents, vae_log = train_vae(data, args)
     print(f"autoencoder: reconstruction MSE {vae_log['recon_mse']:.4f}, scaling_factor {vae_log['scaling_factor']:.4f}")
     unet, sched, unet_log = train_unet(latents, args)
-    save_pipeline(out, vae, unet, sched, {"script": "examples/latent_diffusion.py", "arguments": vars(args),
-                                          "autoencoder": vae_log, "unet": unet_log})
+    save_pipeline(
+        out,
+        vae,
+        unet,
+        sched,
+        {"script": "examples/latent_diffusion.py", "arguments": vars(args), "autoencoder": vae_log, "unet": unet_log},
+    )
     np.save(out / "latents.npy", latents.numpy())
     sample_png(vae, unet, sched, out / "samples.png", args.seed, args.sample_steps)
     print(f"pipeline saved to {out}; decoded samples in {out / 'samples.png'}", flush=True)
     if args.skip_audit:
         return
 
-    from conservcheck.audit import audit
-    from conservcheck.plots import plot_report
+    from conservcheck import audit
+    from conservcheck.report.plots import plot_report
 
-    report = audit(str(out), paths="rotation,brownian,projection", curl="subjacobian",
-                   data=str(out / "latents.npy"), stein=f"data:{out / 'latents.npy'}", time_indices=args.time_indices, n_samples=args.samples,
-                   n_points=args.points, seed=args.seed)
+    report = audit(
+        str(out),
+        paths="rotation,brownian,projection",
+        curl="subjacobian",
+        data=str(out / "latents.npy"),
+        stein=f"data:{out / 'latents.npy'}",
+        time_indices=args.time_indices,
+        n_samples=args.samples,
+        n_points=args.points,
+        seed=args.seed,
+    )
     report.to_json(out / "audit.json")
     plot_report(report, out / "figures")
-    header = ["# Latent diffusion on the digits — audited in latent space", "",
-              f"Command: `python examples/latent_diffusion.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-              f"Autoencoder reconstruction MSE {vae_log['recon_mse']:.4f} (images in [−1, 1]), scaling factor "
-              f"{vae_log['scaling_factor']:.4f}; UNet final ε-loss {unet_log['final_loss']:.4f}. x0: the encoded "
-              "training latents (as the paper's forward samples of the data); Stein reference: the exact score of the noised training latents.", ""]
-    (out / "numbers.md").write_text("\n".join(header) + "\n" + numbers_table(
-        report, "Figs. 2 b, d and 4 — latent space") + "\n", encoding="utf-8")
-    print(f"verdict: {report.verdict}\nreport {out / 'audit.json'}, figures {out / 'figures'}, "
-          f"numbers {out / 'numbers.md'}")
+    header = [
+        "# Latent diffusion on the digits — audited in latent space",
+        "",
+        f"Command: `python examples/latent_diffusion.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        f"Autoencoder reconstruction MSE {vae_log['recon_mse']:.4f} (images in [−1, 1]), scaling factor "
+        f"{vae_log['scaling_factor']:.4f}; UNet final ε-loss {unet_log['final_loss']:.4f}. x0: the encoded "
+        "training latents (as the paper's forward samples of the data); Stein reference: the exact "
+        "score of the noised training latents.",
+        "",
+    ]
+    (out / "numbers.md").write_text(
+        "\n".join(header) + "\n" + numbers_table(report, "Figs. 2 b, d and 4 — latent space") + "\n", encoding="utf-8"
+    )
+    print(
+        f"verdict: {report.verdict}\nreport {out / 'audit.json'}, figures {out / 'figures'}, "
+        f"numbers {out / 'numbers.md'}"
+    )
 
 
 if __name__ == "__main__":

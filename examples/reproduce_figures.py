@@ -12,7 +12,7 @@
   curl, and the Stein diagnostic against the funnel's exact score: the error norm ‖s_ref − s_θ‖ and the
   Stein value ∇·e + s_refᵀe (Eq. 20–21) against t.
 
-Each audit is saved as ``<name>.json``; its figures come from :func:`conservcheck.plots.plot_report`
+Each audit is saved as ``<name>.json``; its figures come from :func:`conservcheck.report.plots.plot_report`
 (what ``conservcheck plot <name>.json --out <name>`` runs) and the medians go to ``numbers.md``.
 
     python examples/reproduce_figures.py --quick                      # a smoke run, ~1 minute on a CPU
@@ -35,12 +35,11 @@ import tempfile
 import numpy as np
 import torch
 
-from conservcheck import DiscreteSchedule
-from conservcheck.audit import audit
-from conservcheck.plots import plot_report
-from conservcheck.reference import resolve_reference
-from conservcheck.references import load_reference
-from conservcheck.report import AuditReport
+from conservcheck import DiscreteSchedule, audit
+from conservcheck.adapters.resolve import load_reference
+from conservcheck.analytic.reference_scores import resolve_reference
+from conservcheck.report.audit_report import AuditReport
+from conservcheck.report.plots import plot_report
 
 #: Stein reference for the funnel model: its exact score (Neal's funnel, n = D − 1, scale 3).
 FUNNEL_REFERENCE = "funnel"
@@ -87,17 +86,25 @@ def numbers_table(report: AuditReport, title: str) -> str:
     """Markdown: median of each headline metric per variant and time point, the control's median in brackets."""
     s = report.summary(field=None)
     s = s[s["status"] == "ok"]
-    lines = [f"## {title}", "", f"model `{report.header['model'].get('reference')}`, "
-             f"{report.header['options']['n_samples']} samples per time point, "
-             f"{report.header['options']['n_points']} nodes per loop; verdict: **{report.verdict}**", ""]
+    lines = [
+        f"## {title}",
+        "",
+        f"model `{report.header['model'].get('reference')}`, "
+        f"{report.header['options']['n_samples']} samples per time point, "
+        f"{report.header['options']['n_points']} nodes per loop; verdict: **{report.verdict}**",
+        "",
+    ]
     for diagnostic, metric, label in HEADLINE:
         sub = s[(s["diagnostic"] == diagnostic) & (s["metric"] == metric)]
         if sub.empty:
             continue
         keys = list(dict.fromkeys(sub.sort_values("t")["time_key"]))
-        lines += [f"**{label}** — median over samples (the conservative control's median in brackets)", "",
-                  "| variant | " + " | ".join(report.time_label(k) for k in keys) + " |",
-                  "|---" * (len(keys) + 1) + "|"]
+        lines += [
+            f"**{label}** — median over samples (the conservative control's median in brackets)",
+            "",
+            "| variant | " + " | ".join(report.time_label(k) for k in keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
         for variant in dict.fromkeys(sub["variant"]):
             cells = []
             for key in keys:
@@ -125,10 +132,16 @@ def main() -> None:
     parser.add_argument("--out", default="figures-paper", help="output folder")
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--quick", action="store_true", help="smoke run: 4 samples, 32 nodes, 2 time points")
-    form.add_argument("--full", action="store_true", help="the paper's protocol: 256 samples, 1000 nodes, 21 time indices")
-    parser.add_argument("--model", action="append", default=None,
-                        help="image model for Figs. 2/5/7 (repeatable; default embedded:digits), "
-                             "e.g. google/ddpm-cifar10-32, google/ncsnpp-celebahq-256")
+    form.add_argument(
+        "--full", action="store_true", help="the paper's protocol: 256 samples, 1000 nodes, 21 time indices"
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="image model for Figs. 2/5/7 (repeatable; default embedded:digits), "
+        "e.g. google/ddpm-cifar10-32, google/ncsnpp-celebahq-256",
+    )
     parser.add_argument("--no-funnel", action="store_true", help="skip the funnel audit (Figs. 3, 4, 12)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -153,18 +166,31 @@ def main() -> None:
 
     if not args.no_funnel:
         funnel = load_reference("embedded:funnel", device=args.device)
-        funnel_opts = dict(common, paths="rotation,brownian,projection", curl="subjacobian", stein=FUNNEL_REFERENCE,
-                           data=funnel_data(scratch, funnel, 4096, args.seed))
+        funnel_opts = dict(
+            common,
+            paths="rotation,brownian,projection",
+            curl="subjacobian",
+            stein=FUNNEL_REFERENCE,
+            data=funnel_data(scratch, funnel, 4096, args.seed),
+        )
         if mode == "reduced":
             funnel_opts["n_samples"] = 64
         if times:
             funnel_opts["times"] = times
-        sections.append(numbers_table(run(funnel, out, "funnel", **funnel_opts),
-                                      "Figs. 3, 4, 12 — embedded:funnel against its exact score"))
+        sections.append(
+            numbers_table(
+                run(funnel, out, "funnel", **funnel_opts), "Figs. 3, 4, 12 — embedded:funnel against its exact score"
+            )
+        )
 
-    header = [f"# Paper figure types — {mode} form", "",
-              f"Command: `python examples/reproduce_figures.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-              "Figures: one folder per audit beside this file (redraw with `conservcheck plot <name>.json --out <name>`).", ""]
+    header = [
+        f"# Paper figure types — {mode} form",
+        "",
+        f"Command: `python examples/reproduce_figures.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        "Figures: one folder per audit beside this file (redraw with `conservcheck plot <name>.json --out <name>`).",
+        "",
+    ]
     (out / "numbers.md").write_text("\n".join(header + sections) + "\n", encoding="utf-8")
     print(f"numbers written to {out / 'numbers.md'}", flush=True)
 

@@ -133,8 +133,11 @@ def train(args: argparse.Namespace) -> dict:
         "final_train_loss": log[-1]["loss"],
         "ema_eval_loss": final_loss,
         "train_seconds": round(train_seconds, 1),
-        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": __import__("diffusers").__version__,
+            "python": platform.python_version(),
+        },
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.samples:
@@ -143,8 +146,14 @@ def train(args: argparse.Namespace) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, data: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1m_ab: torch.Tensor,
-                  seed: int, draws: int = 8) -> float:
+def evaluate_loss(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    sqrt_ab: torch.Tensor,
+    sqrt_1m_ab: torch.Tensor,
+    seed: int,
+    draws: int = 8,
+) -> float:
     """Mean ε-prediction MSE over all images × ``draws`` (k, ε) pairs, k uniform on 0…T−1."""
     gen = torch.Generator().manual_seed(seed + 1)
     total = 0.0
@@ -188,8 +197,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--eval-draws", type=int, default=8, help="(k, ε) draws per digit for the final ε-loss")
-    parser.add_argument("--samples", default=str(pathlib.Path(tempfile.gettempdir()) / "conservcheck-digits.png"),
-                        help="PNG of 64 samples ('' for none)")
+    parser.add_argument(
+        "--samples",
+        default=str(pathlib.Path(tempfile.gettempdir()) / "conservcheck-digits.png"),
+        help="PNG of 64 samples ('' for none)",
+    )
     train(parser.parse_args())
 
 

@@ -1,12 +1,12 @@
 """Train the embedded ``funnel`` model: an MLP ε-predictor for Neal's funnel under the paper's OU process.
 
 Data: Neal's funnel in D = 10 dimensions, v ~ N(0, 3²), x_i | v ~ N(0, e^v) for i = 1…9, drawn fresh
-every step (``conservcheck.funnel.Funnel.sample``). Noising: y = α x0 + σ ε with α = e^{−t},
+every step (``conservcheck.analytic.funnel.Funnel.sample``). Noising: y = α x0 + σ ε with α = e^{−t},
 σ = √(1 − e^{−2t}) (Eq. 1). Training times: log σ̃ uniform on [log 0.02, log 40], σ̃ = σ/α = √(e^{2t} − 1),
 i.e. t from 2·10⁻⁴ to 3.7 — the range the audit probes. Loss: denoising score matching in ε form with
-EDM's weighting, Σ_i (1 + σ̃²/σ_d,i²)(ε̂_i − ε_i)² (see :mod:`conservcheck.adapters.funnel_net`).
+EDM's weighting, Σ_i (1 + σ̃²/σ_d,i²)(ε̂_i − ε_i)² (see :mod:`conservcheck.networks.funnel_mlp`).
 
-The model (``conservcheck.adapters.funnel_net.FunnelNet``) is saved as ``model.safetensors`` plus
+The model (``conservcheck.networks.funnel_mlp.FunnelNet``) is saved as ``model.safetensors`` plus
 ``config.json`` (architecture, process, parameterization, funnel parameters, training record) in
 ``conservcheck/assets/funnel-mlp``. Deterministic on CPU for a given seed, thread count and torch version.
 At the end the script reports the per-sample relative error ‖s_θ − s‖/‖s‖ of the model's score against
@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from conservcheck.adapters.funnel_net import FunnelNet, FunnelNetConfig
-from conservcheck.funnel import Funnel
+from conservcheck.analytic.funnel import Funnel
+from conservcheck.networks.funnel_mlp import FunnelNet, FunnelNetConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "conservcheck" / "assets" / "funnel-mlp"
@@ -69,8 +69,11 @@ def relative_errors(
         s_exact = funnel.score(y, tt)
         err2, ref2 = (s_model - s_exact).square().sum(1), s_exact.square().sum(1)
         rel = (err2 / ref2).sqrt()
-        out[f"{t:g}"] = {"median": round(float(rel.median()), 4), "q90": round(float(rel.quantile(0.9)), 4),
-                         "rms_ratio": round(float((err2.mean() / ref2.mean()).sqrt()), 4)}
+        out[f"{t:g}"] = {
+            "median": round(float(rel.median()), 4),
+            "q90": round(float(rel.quantile(0.9)), 4),
+            "rms_ratio": round(float((err2.mean() / ref2.mean()).sqrt()), 4),
+        }
     return out
 
 
@@ -117,13 +120,19 @@ def train(args: argparse.Namespace) -> dict:
     train_seconds = time.perf_counter() - start
     errors = relative_errors(ema, funnel, [0.01, 0.05, 0.2, 0.5, 1.0, 2.0], 4096, args.seed + 1)
     for t, e in errors.items():
-        print(f"t = {t:>4}: relative score error median {e['median']:.4f}, q90 {e['q90']:.4f}, "
-              f"rms ratio {e['rms_ratio']:.4f}", flush=True)
+        print(
+            f"t = {t:>4}: relative score error median {e['median']:.4f}, q90 {e['q90']:.4f}, "
+            f"rms ratio {e['rms_ratio']:.4f}",
+            flush=True,
+        )
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in ema.state_dict().items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     record = {
         "model": "FunnelNet",
         "architecture": config.to_dict(),

@@ -18,6 +18,8 @@ import shutil
 import pytest
 import torch
 
+import conservcheck
+
 
 def tiny_ddpm_unet(seed: int = 0, sample_size: int = 16, in_channels: int = 3, out_channels: int | None = None):
     """A UNet2DModel shaped like google/ddpm-cifar10-32's, with 8–16 channels."""
@@ -128,11 +130,17 @@ def latent_folder(tmp_path_factory):
 
         torch.manual_seed(1)
         return UNet2DModel(
-            sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1,
-            block_out_channels=(8, 16, 16), norm_num_groups=4,
+            sample_size=8,
+            in_channels=channels,
+            out_channels=channels,
+            layers_per_block=1,
+            block_out_channels=(8, 16, 16),
+            norm_num_groups=4,
             down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=None, freq_shift=1, flip_sin_to_cos=False,
+            attention_head_dim=None,
+            freq_shift=1,
+            flip_sin_to_cos=False,
         )
 
     def make(kind: str = "vq") -> pathlib.Path:
@@ -216,20 +224,37 @@ def audit_end_to_end(tmp_path):
     loops and a 2×2 curl block at the model's default time points, x0 drawn by a 4-step sampler; asserts
     exit code 0 and validates the report against the packaged schema.
     """
-    from importlib import resources
 
     import jsonschema
     from typer.testing import CliRunner
 
-    from conservcheck.cli import app
+    from conservcheck.cli.app import app
 
-    schema = json.loads(resources.files("conservcheck").joinpath("schema", "report.schema.json").read_text())
+    schema = conservcheck.report_schema()
 
     def run(reference, *flags):
         out = tmp_path / "report.json"
-        args = ["audit", str(reference), "--paths", "rotation", "--curl", "subjacobian", "--block", "2",
-                "--samples", "2", "--points", "8", "--sampler-steps", "4", "--cache-dir", str(tmp_path / "cache"),
-                "--json", str(out), *map(str, flags)]
+        args = [
+            "audit",
+            str(reference),
+            "--paths",
+            "rotation",
+            "--curl",
+            "subjacobian",
+            "--block",
+            "2",
+            "--samples",
+            "2",
+            "--points",
+            "8",
+            "--sampler-steps",
+            "4",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--json",
+            str(out),
+            *map(str, flags),
+        ]
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         data = json.loads(out.read_text())

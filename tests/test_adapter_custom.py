@@ -20,9 +20,9 @@ import torch
 
 from conservcheck import OUProcess, VectorFieldProbe
 from conservcheck.adapters import custom
+from conservcheck.adapters.resolve import load_reference
 from conservcheck.errors import ModelLoadError, UsageError
 from conservcheck.process import DiscreteSchedule
-from conservcheck.references import load_reference
 
 SIGMA_D = 0.7
 SHAPE = (2, 3)
@@ -91,8 +91,15 @@ make_velocity_ou = functools.partial(_declared, "velocity", "ou", "canonical")
 def make_probe(device="cpu", dtype=torch.float32):
     """The documented recipe: a ready probe."""
     net = Oracle("epsilon", "linear").to(device=device, dtype=dtype)
-    return VectorFieldProbe(lambda x, k: net(x, k), process=OUProcess(), time_convention=DiscreteSchedule.linear(),
-                            parameterization="epsilon", sample_shape=SHAPE, device=device, dtype=dtype)
+    return VectorFieldProbe(
+        lambda x, k: net(x, k),
+        process=OUProcess(),
+        time_convention=DiscreteSchedule.linear(),
+        parameterization="epsilon",
+        sample_shape=SHAPE,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def make_without_arguments():
@@ -108,7 +115,12 @@ def make_number():
 
 
 def make_unknown_key():
-    return Oracle("score", "ve"), {"parameterization": "score", "process": "ve", "sample_shape": SHAPE, "schedule": "linear"}
+    return Oracle("score", "ve"), {
+        "parameterization": "score",
+        "process": "ve",
+        "sample_shape": SHAPE,
+        "schedule": "linear",
+    }
 
 
 def make_no_shape():
@@ -116,7 +128,12 @@ def make_no_shape():
 
 
 def make_bad_time():
-    return Oracle("score", "ve"), {"parameterization": "score", "process": "ve", "sample_shape": SHAPE, "time_convention": "quadratic"}
+    return Oracle("score", "ve"), {
+        "parameterization": "score",
+        "process": "ve",
+        "sample_shape": SHAPE,
+        "time_convention": "quadratic",
+    }
 
 
 not_callable = 3

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conservcheck import ModelLoadError, UsageError
-from conservcheck.adapters import diffusers_unet
+from conservcheck.adapters import _diffusers, diffusers_unet
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -142,8 +142,9 @@ def test_probability_flow_matches_ddim_pipeline(ddpm_folder, schedule, predictio
     pipe.set_progress_bar_config(disable=True)
     seen = []  # the pipeline's own states: the input of each UNet call
     hook = pipe.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
-    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), eta=0.0, num_inference_steps=10,
-                  output_type="pt").images
+    images = pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(0), eta=0.0, num_inference_steps=10, output_type="pt"
+    ).images
     hook.remove()
     ks = [int(k) for k in pipe.scheduler.timesteps]
     ours = _ddim_in_score_terms(probe, seen[0], ks)
@@ -167,7 +168,9 @@ def test_ve_probe_is_the_output_score_sde_pipeline_feeds_its_scheduler(ncsnpp_fo
     pipe = ScoreSdeVePipeline.from_pretrained(ncsnpp_folder)
     pipe.set_progress_bar_config(disable=True)
     calls = []
-    hook = pipe.unet.register_forward_hook(lambda mod, args, out: calls.append((args[0].clone(), args[1].clone(), out.sample.clone())))
+    hook = pipe.unet.register_forward_hook(
+        lambda mod, args, out: calls.append((args[0].clone(), args[1].clone(), out.sample.clone()))
+    )
     pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
     hook.remove()
     assert len(calls) == 8  # one corrector and one predictor call per step
@@ -311,7 +314,7 @@ def test_unknown_scheduler_names_the_supported_ones(ddpm_folder, tmp_path):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "UniPCMultistepScheduler"}))
     with pytest.raises(ModelLoadError, match="unsupported scheduler class 'UniPCMultistepScheduler'") as err:
         diffusers_unet.load(folder)
-    assert all(name in err.value.hint for name in diffusers_unet.SUPPORTED_SCHEDULERS)
+    assert all(name in err.value.hint for name in _diffusers.SUPPORTED_SCHEDULERS)
 
 
 def test_bare_unet_without_scheduler_config(ddpm_folder, tmp_path):
@@ -322,10 +325,13 @@ def test_bare_unet_without_scheduler_config(ddpm_folder, tmp_path):
     assert diffusers_unet.load(tmp_path / "bare").parameterization == "epsilon"
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"_class_name": "UNet2DConditionModel"}, "not an unconditional UNet2DModel"),
-    ({"num_class_embeds": 10}, "class-conditional UNet2DModel"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"_class_name": "UNet2DConditionModel"}, "not an unconditional UNet2DModel"),
+        ({"num_class_embeds": 10}, "class-conditional UNet2DModel"),
+    ],
+)
 def test_conditional_unet_is_refused(ddpm_folder, tmp_path, change, message):
     folder = tmp_path / "cond"
     shutil.copytree(ddpm_folder(), folder)

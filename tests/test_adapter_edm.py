@@ -15,10 +15,10 @@ import pickle
 import pytest
 import torch
 
-from conservcheck import jacobian
 from conservcheck.adapters import edm
+from conservcheck.adapters.resolve import load_reference
 from conservcheck.errors import ModelLoadError
-from conservcheck.references import load_reference
+from conservcheck.geometry import jacobian
 
 SIGMA_D = 0.8
 SHAPE = (2, 4, 4)
@@ -42,7 +42,12 @@ def table(name: str, c_noise: torch.Tensor) -> tuple:
     """(σ, c_skip, c_out, c_in) of EDM's table, σ recovered from c_noise."""
     if name == "edm":
         sigma = torch.exp(4 * c_noise)
-        return sigma, 0.25 / (sigma**2 + 0.25), 0.5 * sigma / torch.sqrt(sigma**2 + 0.25), 1 / torch.sqrt(sigma**2 + 0.25)
+        return (
+            sigma,
+            0.25 / (sigma**2 + 0.25),
+            0.5 * sigma / torch.sqrt(sigma**2 + 0.25),
+            1 / torch.sqrt(sigma**2 + 0.25),
+        )
     if name == "ve":
         sigma = 2 * torch.exp(c_noise)
         return sigma, torch.ones_like(sigma), sigma, torch.ones_like(sigma)
@@ -98,7 +103,9 @@ class Touch:
 def inputs(sigma: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.tensor(sigma, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(len(sigma), *SHAPE, generator=g, dtype=torch.float64) * torch.sqrt(SIGMA_D**2 + s**2).reshape(-1, 1, 1, 1)
+    x = torch.randn(len(sigma), *SHAPE, generator=g, dtype=torch.float64) * torch.sqrt(SIGMA_D**2 + s**2).reshape(
+        -1, 1, 1, 1
+    )
     return x, s
 
 
@@ -139,7 +146,9 @@ def test_coefficient_known_values():
     # sqrt(expm1(1.000995e-6)) = 1.0004976e-3 (EDM's float32 exp(.) - 1 rounds its sigma_min to 9.766e-4)
     assert float(vp.sigma(torch.tensor(1.0, dtype=torch.float64))) == pytest.approx(152.16698, rel=1e-6)
     assert float(vp.sigma(torch.tensor(1e-5, dtype=torch.float64))) == pytest.approx(1.0004976e-3, rel=1e-6)
-    assert float(vp.coefficients(vp.sigma(torch.tensor([1.0], dtype=torch.float64)))[3]) == pytest.approx(999.0, rel=1e-12)
+    assert float(vp.coefficients(vp.sigma(torch.tensor([1.0], dtype=torch.float64)))[3]) == pytest.approx(
+        999.0, rel=1e-12
+    )
 
 
 def test_wrap_preconditioned_module():

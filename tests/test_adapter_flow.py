@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conservcheck.adapters import diffusers_unet, flow
+from conservcheck.adapters.resolve import load_reference
 from conservcheck.errors import ModelLoadError, UsageError
-from conservcheck.references import load_reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -71,9 +71,17 @@ def tiny_unet(seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None, freq_shift=1, flip_sin_to_cos=False,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,
+        freq_shift=1,
+        flip_sin_to_cos=False,
     )
 
 

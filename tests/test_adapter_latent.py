@@ -75,8 +75,9 @@ def test_probability_flow_matches_ldm_pipeline(latent_folder):
     h1 = pipe.unet.register_forward_pre_hook(lambda mod, args: states.append(args[0].clone()))
     # the pipeline decodes latents / scaling_factor; the quantiser is the first module to see them
     h2 = pipe.vqvae.quantize.register_forward_pre_hook(lambda mod, args: decoded_input.append(args[0].clone()))
-    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), eta=0.0, num_inference_steps=10,
-                  output_type="np").images
+    images = pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(0), eta=0.0, num_inference_steps=10, output_type="np"
+    ).images
     h1.remove(), h2.remove()
     tc, pr = probe.time_convention, probe.process
     ks = [int(k) for k in pipe.scheduler.timesteps]
@@ -126,7 +127,7 @@ def test_conditional_unet_is_refused(latent_folder, tmp_path):
 def test_data_images_are_encoded_and_latents_taken_as_given(latent_folder, kind, tmp_path):
     import numpy as np
 
-    from conservcheck.data import load_data
+    from conservcheck.x0.data import load_data
 
     probe = latent.load(latent_folder(kind), dtype=F64)
     assert probe.image_shape == (3, 16, 16)  # 8×8 latents, two down blocks of the autoencoder

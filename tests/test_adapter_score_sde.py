@@ -14,14 +14,18 @@ import hashlib
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import pytest
 import torch
+from torch import Tensor
 
 from conservcheck.adapters import score_sde
+from conservcheck.adapters.resolve import load_reference
+from conservcheck.adapters.score_sde import config as sde_config
+from conservcheck.adapters.score_sde import convert as sde_convert
 from conservcheck.errors import ModelLoadError, UsageError
 from conservcheck.process import VPSDETime
-from conservcheck.references import load_reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -30,7 +34,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 TINY = {
     "training": {"sde": "vesde", "continuous": True},
     "data": {"image_size": 16, "num_channels": 3, "centered": False},
-    "model": {"nf": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [8], "sigma_max": 50.0, "sigma_min": 0.01},
+    "model": {
+        "nf": 32,
+        "ch_mult": [1, 2, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [8],
+        "sigma_max": 50.0,
+        "sigma_min": 0.01,
+    },
 }
 TINY_VP = {
     "training": {"sde": "vpsde", "continuous": True},
@@ -39,10 +50,15 @@ TINY_VP = {
 }
 
 
-def _states(cfg: score_sde.SDEConfig, seed: int) -> tuple[dict, dict]:
+def to_original(state: Mapping[str, Tensor], pairs: list[sde_convert.KeyPair]) -> OrderedDict[str, Tensor]:
+    """diffusers keys → NCSN++ keys, in NCSN++ parameter order: a checkpoint as score_sde writes it."""
+    return OrderedDict((p.original, state[p.diffusers].t() if p.transpose else state[p.diffusers]) for p in pairs)
+
+
+def _states(cfg: sde_config.SDEConfig, seed: int) -> tuple[dict, dict]:
     """(raw, EMA) diffusers state dicts: seeded weights, and EMA = raw + noise on every trainable tensor."""
     torch.manual_seed(seed)
-    unet = score_sde.build_unet(cfg)
+    unet = sde_convert.build_unet(cfg)
     raw = {k: v.clone() for k, v in unet.state_dict().items()}
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
     ema = {k: v + 0.05 * torch.randn_like(v) if k in trainable else v for k, v in raw.items()}
@@ -51,19 +67,33 @@ def _states(cfg: score_sde.SDEConfig, seed: int) -> tuple[dict, dict]:
 
 def write_checkpoint(folder, config: dict, seed: int = 0, sigmas=None, extra=None):
     """A score_sde-format checkpoint of a tiny NCSN++; returns (path, raw state, EMA state)."""
-    cfg = score_sde.config_from_dict(config)
+    cfg = sde_config.config_from_dict(config)
     raw, ema = _states(cfg, seed)
-    pairs = score_sde.key_map(cfg, raw)
+    pairs = sde_convert.key_map(cfg, raw)
     if sigmas is None:
-        sigmas = torch.exp(torch.linspace(math.log(cfg.sigma_max or 50.0), math.log(cfg.sigma_min), 1000, dtype=torch.float64))
+        sigmas = torch.exp(
+            torch.linspace(math.log(cfg.sigma_max or 50.0), math.log(cfg.sigma_min), 1000, dtype=torch.float64)
+        )
     # NCSNpp registers the sigmas buffer before its module list: it comes first in the state dict
     model = OrderedDict([("module.sigmas", sigmas)])
-    model.update((f"module.{k}", v) for k, v in score_sde.to_original(raw, pairs).items())
-    ema_orig = score_sde.to_original(ema, pairs)
+    model.update((f"module.{k}", v) for k, v in to_original(raw, pairs).items())
+    ema_orig = to_original(ema, pairs)
     shadow = [ema_orig[p.original] for p in pairs if p.trainable]
-    group = {"lr": 2e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "amsgrad": False, "params": list(range(len(shadow)))}
+    group = {
+        "lr": 2e-4,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0,
+        "amsgrad": False,
+        "params": list(range(len(shadow))),
+    }
     optimizer = {"state": {}, "param_groups": [group]}
-    ckpt = {"optimizer": optimizer, "model": model, "ema": {"decay": 0.999, "num_updates": 10, "shadow_params": shadow}, "step": 1234}
+    ckpt = {
+        "optimizer": optimizer,
+        "model": model,
+        "ema": {"decay": 0.999, "num_updates": 10, "shadow_params": shadow},
+        "step": 1234,
+    }
     ckpt.update(extra or {})
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "checkpoint_3.pth"
@@ -73,7 +103,7 @@ def write_checkpoint(folder, config: dict, seed: int = 0, sigmas=None, extra=Non
 
 
 def reference(config: dict, state: dict, dtype=torch.float64):
-    unet = score_sde.build_unet(score_sde.config_from_dict(config))
+    unet = sde_convert.build_unet(sde_config.config_from_dict(config))
     unet.load_state_dict(state)
     return unet.to(dtype).eval()
 
@@ -193,14 +223,14 @@ def test_presets_match_released_architectures():
         ("ve/celebahq_256_ncsnpp_continuous", 77, 65_574_549, 348.0),
         ("ve/ffhq_ncsnpp_continuous", 70, 105_785_896, 1348.0),
     ):
-        cfg, _ = score_sde.read_config(name)
+        cfg, _ = sde_config.read_config(name)
         assert cfg.sigma_max == sigma_max and cfg.sigma_min == 0.01
-        assert len(score_sde.module_plan(cfg)) == n_modules
+        assert len(sde_convert.module_plan(cfg)) == n_modules
         with torch.device("meta"):
-            unet = score_sde.build_unet(cfg)
+            unet = sde_convert.build_unet(cfg)
         assert sum(p.numel() for p in unet.parameters()) == n_params
-        assert len(score_sde.key_map(cfg, unet.state_dict())) == len(unet.state_dict())
-    assert score_sde.read_config("ffhq_256_ncsnpp_continuous")[0].sigma_max == 348.0
+        assert len(sde_convert.key_map(cfg, unet.state_dict())) == len(unet.state_dict())
+    assert sde_config.read_config("ffhq_256_ncsnpp_continuous")[0].sigma_max == 348.0
 
 
 @pytest.mark.parametrize(
@@ -229,7 +259,9 @@ def test_config_errors(ve_ckpt, tmp_path):
     with pytest.raises(UsageError, match="weights"):
         score_sde.load(path, weights="best")
     with pytest.raises(ModelLoadError, match="does not match the config"):
-        score_sde.load(lone, config=str(_write(tmp_path / "c.json", {**TINY, "model": {**TINY["model"], "num_res_blocks": 2}})))
+        score_sde.load(
+            lone, config=str(_write(tmp_path / "c.json", {**TINY, "model": {**TINY["model"], "num_res_blocks": 2}}))
+        )
 
 
 def _write(path, data):

@@ -11,23 +11,35 @@ import numpy as np
 import pytest
 import torch
 
-from conservcheck import DiscreteSchedule, FlowProcess, OUProcess, VEProcess, VectorFieldProbe, rng
-from conservcheck.audit import AuditInterrupted, audit, control_probe
-from conservcheck.data import load_data
-from conservcheck.defaults import DISCRETE_FRACTIONS, NOISE_LEVELS, OPTIONS, VE_LEVELS, time_points
-from conservcheck.diagnostics.base import TimePoint, forward_samples
+from conservcheck import DiscreteSchedule, FlowProcess, OUProcess, VectorFieldProbe, VEProcess, rng
+from conservcheck.analytic.fields import GaussianMixture, LinearField, as_probe
 from conservcheck.errors import UsageError
-from conservcheck.fields import GaussianMixture, LinearField, as_probe
-from conservcheck.sampling import START_OU_T, model_samples, sample
+from conservcheck.runner.audit import AuditInterrupted, audit
+from conservcheck.runner.options import audit_options
+from conservcheck.runner.units import control_probe
+from conservcheck.timepoints import (
+    DISCRETE_FRACTIONS,
+    NOISE_LEVELS,
+    START_OU_T,
+    VE_LEVELS,
+    TimePoint,
+    forward_samples,
+    time_points,
+)
+from conservcheck.x0.data import load_data
+from conservcheck.x0.model_samples import model_samples, sample
 
 KAPPA = 0.7
 
 
 def linear_probe() -> VectorFieldProbe:
     """s(y, t) = (1 + t)(−I + K) y with K = κ [[0, 1], [−1, 0]]: a contraction plus a rotation, using its time."""
-    lin = LinearField(-torch.eye(2, dtype=torch.float64), torch.tensor([[0.0, KAPPA], [-KAPPA, 0.0]], dtype=torch.float64))
-    return VectorFieldProbe(lambda x, t: lin(x) * (1 + t)[:, None], process=OUProcess(), sample_shape=(2,),
-                            dtype=torch.float64)
+    lin = LinearField(
+        -torch.eye(2, dtype=torch.float64), torch.tensor([[0.0, KAPPA], [-KAPPA, 0.0]], dtype=torch.float64)
+    )
+    return VectorFieldProbe(
+        lambda x, t: lin(x) * (1 + t)[:, None], process=OUProcess(), sample_shape=(2,), dtype=torch.float64
+    )
 
 
 def mixture() -> GaussianMixture:
@@ -69,10 +81,10 @@ def _comparable(report):
 
 def test_every_option_is_an_audit_keyword_with_the_table_default():
     params = inspect.signature(audit).parameters
-    for o in OPTIONS:
+    for o in audit_options():
         assert params[o.name].default == o.default
         assert o.flag.startswith("--")
-    assert len({o.flag for o in OPTIONS}) == len(OPTIONS)
+    assert len({o.flag for o in audit_options()}) == len(audit_options())
 
 
 def test_unknown_and_bad_options_are_usage_errors(tmp_path):
@@ -91,8 +103,9 @@ def test_unknown_and_bad_options_are_usage_errors(tmp_path):
 
 def test_default_time_points_per_process():
     sched = DiscreteSchedule.linear()
-    ddpm = VectorFieldProbe(lambda x, k: x, process=OUProcess(), time_convention=sched, sample_shape=(2,),
-                            parameterization="epsilon")
+    ddpm = VectorFieldProbe(
+        lambda x, k: x, process=OUProcess(), time_convention=sched, sample_shape=(2,), parameterization="epsilon"
+    )
     assert [p.index for p in time_points(ddpm)] == [10, 100, 250, 500, 750, 990]
     assert [p.index for p in time_points(ddpm)] == [round(f * 1000) for f in DISCRETE_FRACTIONS]
     assert time_points(ddpm)[0].t == pytest.approx(float(sched.to_canonical(torch.tensor(10.0))))
@@ -126,14 +139,23 @@ def test_linear_field_matches_the_closed_forms(tmp_path, x0_file):
     the 2 × 2 block gives |C_01| = 2 (1 + t) κ and ‖C‖_F / ‖J + Jᵀ‖_F = κ; and ‖J − Jᵀ‖_F / (2‖J‖_F)
     = κ/√(1 + κ²), which Hutchinson's estimator returns exactly here (JᵀJ ∝ I, so vᵀJᵀJv = |v|²·c)."""
     times = [0.1, 1.0]
-    rep = _run(linear_probe(), tmp_path, paths="rotation", curl="both", times=times, n_samples=5, n_points=16,
-               data=x0_file(np.zeros((5, 2))), precision="fp64")
+    rep = _run(
+        linear_probe(),
+        tmp_path,
+        paths="rotation",
+        curl="both",
+        times=times,
+        n_samples=5,
+        n_points=16,
+        data=x0_file(np.zeros((5, 2))),
+        precision="fp64",
+    )
     rows = rep.rows[(rep.rows["field"] == "model")]
     # The periodic rule is exact for trigonometric polynomials of degree < N (here 2, N = 16) and the
     # Jacobian products are exact for a linear field: only float64 rounding remains (rtol 1e-12).
     for t in times:
         tp = TimePoint.from_t(OUProcess(), t)
-        _, eps = forward_samples(OUProcess(), torch.zeros(5, 2, dtype=torch.float64), tp, seed=0)
+        _, eps = forward_samples(torch.zeros(5, 2, dtype=torch.float64), tp, seed=0)
         r2 = tp.sigma**2 * (eps**2).sum(1).numpy()
         loop = rows[(rows["t"] == t) & (rows["diagnostic"] == "loop")].sort_values("sample")
         np.testing.assert_allclose(loop["abs_circulation"], 2 * math.pi * (1 + t) * KAPPA * r2, rtol=1e-12)
@@ -157,14 +179,27 @@ def test_exact_mixture_score_passes(tmp_path, x0_file):
     x0 = gm.sample(8, torch.Generator().manual_seed(0))
     ref = tmp_path / "mixture.json"
     ref.write_text(json.dumps({"means": gm.means.tolist(), "stds": [0.3, 0.3]}))
-    rep = _run(mixture_probe(), tmp_path, paths="rotation,projection", curl="both", stein=f"mixture:{ref}",
-               times=[0.05, 0.5, 2.0], n_samples=8, n_points=32, data=x0_file(x0.numpy()), precision="fp64")
+    rep = _run(
+        mixture_probe(),
+        tmp_path,
+        paths="rotation,projection",
+        curl="both",
+        stein=f"mixture:{ref}",
+        times=[0.05, 0.5, 2.0],
+        n_samples=8,
+        n_points=32,
+        data=x0_file(x0.numpy()),
+        precision="fp64",
+    )
     assert rep.verdict.status == "pass", rep.verdict.reason
     s = rep.summary()
     # A conservative field's rotation-loop integral and Jacobian asymmetry are pure float64 rounding
     # (the periodic rule converges spectrally for this smooth integrand at N = 32).
-    for variant, metric in (("rotation", "abs_circulation_ratio"), ("subjacobian", "curl_rel_fro"),
-                            ("hutchinson", "rel_asym")):
+    for variant, metric in (
+        ("rotation", "abs_circulation_ratio"),
+        ("subjacobian", "curl_rel_fro"),
+        ("hutchinson", "rel_asym"),
+    ):
         assert (s.query(f"variant == '{variant}' and metric == '{metric}'")["median"] < 1e-12).all()
     # The model is the reference itself: e = 0, and 𝒮e is rounding of the two divergences.
     stein = rep.rows[rep.rows["diagnostic"] == "stein"]
@@ -175,8 +210,17 @@ def test_exact_mixture_score_passes(tmp_path, x0_file):
 
 def test_adaptive_loop_nodes(tmp_path, x0_file):
     x0 = mixture().sample(4, torch.Generator().manual_seed(3))
-    rep = _run(mixture_probe(), tmp_path, paths="rotation", curl="none", times=[0.5], n_samples=4, n_points="auto",
-               data=x0_file(x0.numpy()), precision="fp64")
+    rep = _run(
+        mixture_probe(),
+        tmp_path,
+        paths="rotation",
+        curl="none",
+        times=[0.5],
+        n_samples=4,
+        n_points="auto",
+        data=x0_file(x0.numpy()),
+        precision="fp64",
+    )
     rows = rep.rows[rep.rows["field"] == "model"]
     assert rep.header["options"]["n_points"] == "auto" and (rows["converged"] == 1.0).all()
     assert rep.verdict.status == "pass"
@@ -202,8 +246,16 @@ def test_nan_outputs_are_reported_per_time_point(tmp_path, x0_file):
         return torch.where((t > 0.5)[:, None], torch.full_like(x, torch.nan), -x * (1 + t)[:, None])
 
     probe = VectorFieldProbe(fn, process=OUProcess(), sample_shape=(2,), dtype=torch.float64)
-    rep = _run(probe, tmp_path, paths="rotation", curl="none", times=[0.1, 1.0], n_samples=4, n_points=16,
-               data=x0_file(np.full((4, 2), 0.1)))
+    rep = _run(
+        probe,
+        tmp_path,
+        paths="rotation",
+        curl="none",
+        times=[0.1, 1.0],
+        n_samples=4,
+        n_points=16,
+        data=x0_file(np.full((4, 2), 0.1)),
+    )
     units = {(u["field"], u["time_key"]): u["status"] for u in rep.units}
     assert units[("model", "t0.1")] == "ok" and units[("model", "t1")] == "nonfinite"
     s = rep.summary()
@@ -214,25 +266,51 @@ def test_nan_outputs_are_reported_per_time_point(tmp_path, x0_file):
 
 
 def test_wrong_output_shape_does_not_stop_the_audit(tmp_path, x0_file):
-    probe = VectorFieldProbe(lambda x, t: x[:, :1] * t[:, None], process=OUProcess(), sample_shape=(2,), dtype=torch.float64)
-    rep = _run(probe, tmp_path, paths="rotation", curl="none", times=[0.1], n_samples=2, n_points=8,
-               data=x0_file(np.zeros((2, 2))))
+    probe = VectorFieldProbe(
+        lambda x, t: x[:, :1] * t[:, None], process=OUProcess(), sample_shape=(2,), dtype=torch.float64
+    )
+    rep = _run(
+        probe,
+        tmp_path,
+        paths="rotation",
+        curl="none",
+        times=[0.1],
+        n_samples=2,
+        n_points=8,
+        data=x0_file(np.zeros((2, 2))),
+    )
     assert rep.verdict.status == "invalid" and "model output has shape" in rep.verdict.reason
     assert [u["status"] for u in rep.units] == ["error", "ok"]  # the control still runs
 
 
 def test_model_ignoring_time_is_invalid(tmp_path, x0_file):
     probe = VectorFieldProbe(lambda x, t: -x, process=OUProcess(), sample_shape=(2,), dtype=torch.float64)
-    rep = _run(probe, tmp_path, paths="rotation", curl="none", times=[0.1], n_samples=2, n_points=8,
-               data=x0_file(np.zeros((2, 2))))
+    rep = _run(
+        probe,
+        tmp_path,
+        paths="rotation",
+        curl="none",
+        times=[0.1],
+        n_samples=2,
+        n_points=8,
+        data=x0_file(np.zeros((2, 2))),
+    )
     assert rep.verdict.status == "invalid" and "does not change with its time input" in rep.verdict.reason
 
 
 def test_sampling_failure_is_an_invalid_report(tmp_path):
-    probe = VectorFieldProbe(lambda x, t: torch.full_like(x, torch.inf) * t[:, None], process=OUProcess(),
-                             sample_shape=(2,), dtype=torch.float64)
+    probe = VectorFieldProbe(
+        lambda x, t: torch.full_like(x, torch.inf) * t[:, None],
+        process=OUProcess(),
+        sample_shape=(2,),
+        dtype=torch.float64,
+    )
     rep = _run(probe, tmp_path, paths="rotation", curl="none", times=[0.1], n_samples=2, n_points=8)
-    assert rep.verdict.status == "invalid" and rep.units == [] and "sampling from the model" in rep.header["data_source"]["error"]
+    assert (
+        rep.verdict.status == "invalid"
+        and rep.units == []
+        and "sampling from the model" in rep.header["data_source"]["error"]
+    )
 
 
 # ------------------------------------------------------------------------------- reproducibility, resume
@@ -278,8 +356,17 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, x0_file
 
 
 def test_time_budget_skips_the_remaining_units(tmp_path, x0_file):
-    rep = _run(linear_probe(), tmp_path, paths="rotation", curl="none", times=[0.1, 1.0], n_samples=2, n_points=8,
-               data=x0_file(np.zeros((2, 2))), time_budget=1e-9)
+    rep = _run(
+        linear_probe(),
+        tmp_path,
+        paths="rotation",
+        curl="none",
+        times=[0.1, 1.0],
+        n_samples=2,
+        n_points=8,
+        data=x0_file(np.zeros((2, 2))),
+        time_budget=1e-9,
+    )
     assert {u["status"] for u in rep.units} == {"skipped"} and rep.header["complete"] is False
     assert "incomplete" in rep.verdict.reason
 
@@ -415,8 +502,16 @@ def test_package_level_call_is_the_audit(tmp_path, x0_file):
 
     gm = mixture()
     x0 = gm.sample(4, torch.Generator().manual_seed(0)).numpy()
-    kw = dict(paths="rotation", curl="none", times=[0.5], n_samples=4, n_points=16, precision="fp64",
-              data=x0_file(x0), cache_dir=str(tmp_path / "cache"))
+    kw = dict(
+        paths="rotation",
+        curl="none",
+        times=[0.5],
+        n_samples=4,
+        n_points=16,
+        precision="fp64",
+        data=x0_file(x0),
+        cache_dir=str(tmp_path / "cache"),
+    )
     rep = conservcheck.audit(mixture_probe(), **kw)
     assert isinstance(rep, conservcheck.AuditReport)
     # Same function, same seed: the identical report through the module path.

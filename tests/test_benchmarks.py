@@ -18,8 +18,9 @@ SHARED = ("--arch", "--device", "--precision", "--batch-size", "--repeats", "--j
 
 @pytest.mark.parametrize("script", ["bench_paths.py", "bench_curl.py", "bench_accuracy.py", "bench_audit.py"])
 def test_benchmark_help_lists_the_shared_options(script):
-    out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
-                         cwd=BENCH, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, cwd=BENCH, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     missing = [flag for flag in SHARED if flag not in out.stdout]
     assert missing == [], f"{script} --help lacks {missing}"

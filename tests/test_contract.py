@@ -3,8 +3,8 @@
 import torch
 
 from conservcheck import OUProcess, VectorFieldProbe
+from conservcheck.analytic.fields import GaussianMixture, as_probe
 from conservcheck.contract import check_probe
-from conservcheck.fields import GaussianMixture, as_probe
 
 
 def _probe(fn, **kw):
@@ -23,7 +23,10 @@ def test_nan_outputs_are_reported():
 
 def test_wrong_shape_is_reported():
     rep = check_probe(_probe(lambda x, t: x[:, :1]))
-    assert rep.problems == ["model output has shape (4, 1, 3), expected (4, 2, 3) (the wrapped callable must return one vector per input sample)"]
+    assert rep.problems == [
+        "model output has shape (4, 1, 3), expected (4, 2, 3) (the wrapped callable must return one "
+        "vector per input sample)"
+    ]
 
 
 def test_nondeterministic_model():

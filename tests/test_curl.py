@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conservcheck import DiscreteSchedule, OUProcess, VectorFieldProbe
-from conservcheck.diagnostics.base import TimePoint, forward_samples
+from conservcheck.analytic.fields import GaussianMixture, LinearField, as_probe, gradient_field
+from conservcheck.batching import Batcher
 from conservcheck.diagnostics.curl import (
     HUTCHINSON_COLUMNS,
     SUBJACOBIAN_COLUMNS,
@@ -17,10 +18,9 @@ from conservcheck.diagnostics.curl import (
     subjacobian,
     t_quantile,
 )
-from conservcheck.engine import Batcher
 from conservcheck.errors import UsageError
-from conservcheck.fields import GaussianMixture, LinearField, as_probe, gradient_field
-from conservcheck.jacobian import PRODUCT_COST, STRATEGIES
+from conservcheck.geometry.jacobian import PRODUCT_COST, STRATEGIES
+from conservcheck.timepoints import TimePoint, forward_samples
 
 F64, F32 = torch.float64, torch.float32
 OU = OUProcess()
@@ -51,7 +51,7 @@ def test_linear_field_block_is_2k_on_the_sampled_indices(strategy):
     lin = _linear()
     probe = as_probe(lin, SHAPE, OU)
     b, n = 5, 6
-    x_t, _ = forward_samples(OU, _x0(b), TIME, seed=3)
+    x_t, _ = forward_samples(_x0(b), TIME, seed=3)
     sets = block_indices(D, n, 3, TIME.key, list(range(b)))
     j_ss = subjacobian(probe, x_t, torch.tensor(TIME.t, dtype=F64), sets, strategy, Batcher(7))
     # J_SS[i, j] = ∂s_{S_i}/∂x_{S_j} = A[S_i, S_j], so C = J_SS − J_SSᵀ = 2K_SS. AD: exact products of
@@ -222,9 +222,15 @@ def unet_probes(tmp_path_factory, single_thread):
     folder = tmp_path_factory.mktemp("curl-unet")
     torch.manual_seed(0)
     UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, down_block_types=("AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D"), attention_head_dim=None,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        attention_head_dim=None,
     ).save_pretrained(folder)
     probes = {}
     for kind in ("default", "classic"):
@@ -234,8 +240,12 @@ def unet_probes(tmp_path_factory, single_thread):
                 module.set_processor(AttnProcessor())
                 module.upcast_softmax = False  # keep the float64 model's softmax in float64
         probes[kind] = VectorFieldProbe(
-            lambda x, k, unet=unet: unet(x, k).sample, process=OU, time_convention=DiscreteSchedule.linear(),
-            parameterization="epsilon", sample_shape=(3, 8, 8), dtype=F64,
+            lambda x, k, unet=unet: unet(x, k).sample,
+            process=OU,
+            time_convention=DiscreteSchedule.linear(),
+            parameterization="epsilon",
+            sample_shape=(3, 8, 8),
+            dtype=F64,
         )
     return probes
 
@@ -243,7 +253,7 @@ def unet_probes(tmp_path_factory, single_thread):
 def test_unet_curl_with_auto_strategy_matches_differences(unet_probes):
     x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64) * 2 - 1
     t = torch.tensor(TIME.t, dtype=F64)
-    x_t, _ = forward_samples(OU, x0, TIME, seed=1)
+    x_t, _ = forward_samples(x0, TIME, seed=1)
     sets = block_indices(192, 8, 1, TIME.key, [0, 1])
     j_fd = subjacobian(unet_probes["classic"], x_t, t, sets, "fd", Batcher(16))
     for kind, probe in unet_probes.items():

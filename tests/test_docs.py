@@ -1,23 +1,25 @@
 """The documentation cannot drift from the code: the generated CLI reference, the report's fields and
 columns, the verdict rule's constants, and every relative link.
 
-The CLI reference is compared with what :mod:`conservcheck.docgen` renders from the typer app right now,
-so a new flag or command fails here until ``python -m conservcheck.docgen > docs/cli-reference.md`` is
+The CLI reference is compared with what :mod:`conservcheck.cli.docgen` renders from the typer app right now,
+so a new flag or command fails here until ``python -m conservcheck.cli.docgen > docs/cli-reference.md`` is
 run.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from pathlib import Path
 
 import pytest
 
-from conservcheck import docgen
-from conservcheck.diagnostics import curl, loops, stein
-from conservcheck.report import FLOOR_FACTOR, HEADLINE
+import conservcheck
+from conservcheck.cli import docgen
+from conservcheck.diagnostics import curl, headline_rule, stein
+from conservcheck.diagnostics import loop_integral as loops
+from conservcheck.precision import PRECISIONS
+from conservcheck.report import FLOOR_FACTOR
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -28,21 +30,22 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 def test_cli_reference_is_generated_from_the_app():
     assert REFERENCE.read_text(encoding="utf-8") == docgen.render(), (
-        f"docs/cli-reference.md is stale: run `{docgen.REGENERATE}`")
+        f"docs/cli-reference.md is stale: run `{docgen.REGENERATE}`"
+    )
 
 
 def test_cli_reference_has_every_command_and_audit_option():
     import typer.main
 
-    from conservcheck.cli import app
-    from conservcheck.defaults import OPTIONS
+    from conservcheck.cli.app import app
+    from conservcheck.runner.options import audit_options
 
     text = docgen.render()
     group = typer.main.get_command(app)
     for name in group.commands:
         assert f"## `conservcheck {name}`" in text
     audit = text.split("## `conservcheck audit`")[1].split("\n## ")[0]
-    for option in OPTIONS:
+    for option in audit_options():
         assert f"| `{option.flag}" in audit, option.flag
 
 
@@ -69,10 +72,13 @@ def _schema_names(node: object) -> set[str]:
 
 
 def test_report_doc_names_every_schema_field():
-    schema = json.loads((ROOT / "conservcheck" / "schema" / "report.schema.json").read_text(encoding="utf-8"))
+    schema = conservcheck.report_schema()
     text = (DOCS / "report.md").read_text(encoding="utf-8")
-    missing = sorted(n for n in _schema_names(schema) if f"`{n}`" not in text and not re.search(
-        rf"[`{{ ,(]{re.escape(n)}[`}} ,):]", text))
+    missing = sorted(
+        n
+        for n in _schema_names(schema)
+        if f"`{n}`" not in text and not re.search(rf"[`{{ ,(]{re.escape(n)}[`}} ,):]", text)
+    )
     assert not missing, f"docs/report.md does not document {missing}"
 
 
@@ -91,10 +97,10 @@ def test_verdict_rule_constants_in_docs():
     assert FLOOR_FACTOR == 10.0
     for text in (report_md, concepts):
         assert "10 × floor" in text or "10 × the floor" in text
-    floors = ", ".join(f"{p} {v:.0e}".replace("e-0", "e-") for p, v in loops.FLOOR_REL.items())
+    floors = ", ".join(f"{p} {v.floor_rel:.0e}".replace("e-0", "e-") for p, v in PRECISIONS.items())
     assert floors == "fp64 1e-12, fp32 1e-6, tf32 1e-3, bf16 1e-2"
     assert floors in report_md
-    for metric in HEADLINE.values():
+    for metric in headline_rule().values():
         assert f"`{metric}`" in report_md and f"`{metric}`" in concepts
 
 
@@ -159,7 +165,7 @@ def _recipe() -> str:
 def test_three_line_recipe_gives_the_exact_score(tmp_path, monkeypatch):
     import torch
 
-    from conservcheck.references import load_reference
+    from conservcheck.adapters.resolve import load_reference
 
     body = _recipe()
     assert len([line for line in body.splitlines() if line.strip() and not line.startswith("#")]) == 3

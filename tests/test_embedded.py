@@ -6,7 +6,7 @@ Known answers:
 * digits, k = 100: Tweedie's denoiser x̂0 = (x + σ² s)/α built from the probe's score must remove most of
   the noise from noised training digits. A units mistake (dividing ε̂ by 1 − ᾱ instead of √(1 − ᾱ), the
   pitfall in docs/units.md) leaves an error of order (1 − σ)²E‖ε̂‖²/α² ≈ 0.5 per pixel, 60× the measured one.
-* funnel: the model's score against the exact score of Neal's funnel (conservcheck.funnel.Funnel).
+* funnel: the model's score against the exact score of Neal's funnel (conservcheck.analytic.funnel.Funnel).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from conservcheck import ModelLoadError, UsageError
 from conservcheck.adapters import embedded
-from conservcheck.funnel import Funnel
+from conservcheck.analytic.funnel import Funnel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -150,7 +150,7 @@ def test_funnel_float32_matches_float64(funnel64):
 
 
 def test_reference_strings_and_load_time():
-    from conservcheck.references import load_reference
+    from conservcheck.adapters.resolve import load_reference
 
     embedded.load("digits")  # imports diffusers once; the timing below is the loading itself
     for name in embedded.available():

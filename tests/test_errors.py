@@ -21,18 +21,17 @@ from http.server import ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from conservcheck import OUProcess, VectorFieldProbe
-from conservcheck.adapters import DAMAGED_HINT, TRUST_HINT
-from conservcheck.adapters.diffusers_unet import SUPPORTED_SCHEDULERS
-from conservcheck.cli import app
-from conservcheck.errors import ModelLoadError
-from conservcheck.references import load_reference
-
 from test_adapter_edm import EDMPrecond, Touch, _write_pickle
 from test_adapter_score_sde import TINY, write_checkpoint
 from test_references import _HubErrors
+from typer.testing import CliRunner
+
+from conservcheck import OUProcess, VectorFieldProbe
+from conservcheck.adapters._diffusers import SUPPORTED_SCHEDULERS
+from conservcheck.adapters.resolve import load_reference
+from conservcheck.cli.app import app
+from conservcheck.errors import ModelLoadError
+from conservcheck.safe_load import DAMAGED_HINT, TRUST_HINT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -53,7 +52,7 @@ def fails(*args, cache) -> str:
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.output
-    return lines[0][len("error: "):]
+    return lines[0][len("error: ") :]
 
 
 @pytest.fixture
@@ -64,6 +63,7 @@ def cache(tmp_path):
 @pytest.fixture
 def model(ddpm_folder, tmp_path):
     """Factory: a fresh copy of the tiny DDPM pipeline folder, to damage."""
+
     def copy(name: str = "m"):
         return shutil.copytree(ddpm_folder(), tmp_path / name)
 
@@ -134,20 +134,44 @@ def hub(hub_server, monkeypatch):
 LOGIN = "(`hf auth login` or HF_TOKEN)"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["owner/missing"], "model repository owner/missing was not found on the Hub ({ep}) "
-                        f"(check the spelling; for a private repository log in {LOGIN})"),
-    (["owner/tiny@nope"], "revision 'nope' does not exist in owner/tiny "
-                          "(use a branch, tag or commit hash listed at {ep}/owner/tiny/commits/main)"),
-    (["owner/tiny", "--revision", "nope"], "revision 'nope' does not exist in owner/tiny "
-                                           "(use a branch, tag or commit hash listed at {ep}/owner/tiny/commits/main)"),
-    (["owner/gated"], "owner/gated is a gated repository and this account has no access "
-                      f"(accept the license at {{ep}}/owner/gated and log in {LOGIN})"),
-    (["owner/gated401"], "owner/gated401 is a gated repository and this account has no access "
-                         f"(accept the license at {{ep}}/owner/gated401 and log in {LOGIN})"),
-    (["owner/disabled"], "access to owner/disabled has been disabled on the Hub ({ep}) (use another model or a local copy)"),
-    (["owner/broken"], "the Hub ({ep}) answered HTTP 500 for owner/broken (try again later or pass a local folder)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["owner/missing"],
+            "model repository owner/missing was not found on the Hub ({ep}) "
+            f"(check the spelling; for a private repository log in {LOGIN})",
+        ),
+        (
+            ["owner/tiny@nope"],
+            "revision 'nope' does not exist in owner/tiny "
+            "(use a branch, tag or commit hash listed at {ep}/owner/tiny/commits/main)",
+        ),
+        (
+            ["owner/tiny", "--revision", "nope"],
+            "revision 'nope' does not exist in owner/tiny "
+            "(use a branch, tag or commit hash listed at {ep}/owner/tiny/commits/main)",
+        ),
+        (
+            ["owner/gated"],
+            "owner/gated is a gated repository and this account has no access "
+            f"(accept the license at {{ep}}/owner/gated and log in {LOGIN})",
+        ),
+        (
+            ["owner/gated401"],
+            "owner/gated401 is a gated repository and this account has no access "
+            f"(accept the license at {{ep}}/owner/gated401 and log in {LOGIN})",
+        ),
+        (
+            ["owner/disabled"],
+            "access to owner/disabled has been disabled on the Hub ({ep}) (use another model or a local copy)",
+        ),
+        (
+            ["owner/broken"],
+            "the Hub ({ep}) answered HTTP 500 for owner/broken (try again later or pass a local folder)",
+        ),
+    ],
+)
 def test_hub_references(hub, cache, args, message):
     assert fails(*args, cache=cache) == message.format(ep=hub)
 
@@ -159,7 +183,8 @@ def test_listed_file_the_hub_cannot_serve(hub_server, cache):
         load_reference("owner/listed", cache_dir=cache, endpoint=hub_server)
     assert str(err.value) == (
         f"the Hub ({hub_server}) lists a file of owner/listed (revision main) that it cannot serve "
-        "(the repository changed during the download: run again, or pin a commit as owner/name@<commit hash>)")
+        "(the repository changed during the download: run again, or pin a commit as owner/name@<commit hash>)"
+    )
 
 
 def test_offline_without_a_cached_copy(monkeypatch, cache):
@@ -167,7 +192,8 @@ def test_offline_without_a_cached_copy(monkeypatch, cache):
     cache.mkdir()
     assert fails("owner/tiny", cache=cache) == (
         f"owner/tiny is not in the hub cache at {cache} and HF_HUB_OFFLINE=1 forbids downloading "
-        "(run once with network access or pass a local folder)")
+        "(run once with network access or pass a local folder)"
+    )
 
 
 def test_unreachable_hub(monkeypatch, cache):
@@ -184,7 +210,8 @@ def test_unreachable_hub(monkeypatch, cache):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
     assert fails("owner/tiny", cache=cache) == (
         f"cannot reach the Hub ({endpoint}) and owner/tiny (revision main) is not in the hub cache at {cache} "
-        "(check the network connection, or pass a local folder, or use a cached copy with HF_HUB_OFFLINE=1)")
+        "(check the network connection, or pass a local folder, or use a cached copy with HF_HUB_OFFLINE=1)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,14 +221,16 @@ def test_unreachable_hub(monkeypatch, cache):
 def test_missing_path(cache):
     assert fails("./no/such/model", cache=cache) == (
         "no file or folder './no/such/model', and it is not a hub id (owner/name) "
-        "(check the path, or name a hub model as owner/name[@revision])")
+        "(check the path, or name a hub model as owner/name[@revision])"
+    )
 
 
 def test_folder_that_is_no_model(tmp_path, cache):
     (tmp_path / "notes.txt").write_text("not a model")
     assert fails(tmp_path, cache=cache) == (
         f"no adapter recognises {tmp_path} (expected a diffusers model folder, a score_sde / EDM checkpoint or a "
-        "flow model; wrap anything else with a 'module:factory' reference)")
+        "flow model; wrap anything else with a 'module:factory' reference)"
+    )
 
 
 def _weights(folder):
@@ -213,14 +242,22 @@ def test_truncated_safetensors(model, cache):
     blob = _weights(folder).read_bytes()
     _weights(folder).write_bytes(blob[: len(blob) // 2])
     assert fails(folder, cache=cache) == (
-        f"weights file {_weights(folder)} is damaged: truncated ({len(blob) // 2} of {len(blob)} bytes) ({DAMAGED_HINT})")
+        f"weights file {_weights(folder)} is damaged: truncated ({len(blob) // 2} of {len(blob)} "
+        f"bytes) ({DAMAGED_HINT})"
+    )
 
 
-@pytest.mark.parametrize("data, detail", [
-    (b"", "0 bytes, shorter than a safetensors header"),
-    (b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", "its header is not a safetensors header (JSONDecodeError)"),
-    (b"\xff" * 8 + b"{}", "its header claims 18446744073709551615 bytes but the file has 10"),
-])
+@pytest.mark.parametrize(
+    "data, detail",
+    [
+        (b"", "0 bytes, shorter than a safetensors header"),
+        (
+            b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!",
+            "its header is not a safetensors header (JSONDecodeError)",
+        ),
+        (b"\xff" * 8 + b"{}", "its header claims 18446744073709551615 bytes but the file has 10"),
+    ],
+)
 def test_corrupt_safetensors(model, cache, data, detail):
     folder = model()
     _weights(folder).write_bytes(data)
@@ -239,7 +276,8 @@ def test_unknown_scheduler(model, cache):
     config = _edit(folder / "scheduler" / "scheduler_config.json", _class_name="FooScheduler")
     assert fails(folder, cache=cache) == (
         f"unsupported scheduler class 'FooScheduler' in {config} (supported schedulers: "
-        f"{', '.join(SUPPORTED_SCHEDULERS)}; wrap other models with a 'module:factory' reference)")
+        f"{', '.join(SUPPORTED_SCHEDULERS)}; wrap other models with a 'module:factory' reference)"
+    )
 
 
 def test_scheduler_value_diffusers_rejects(model, cache):
@@ -248,7 +286,8 @@ def test_scheduler_value_diffusers_rejects(model, cache):
     assert fails(folder, cache=cache) == (
         f"diffusers cannot build DDPMScheduler from {config} (NotImplementedError: wiggly is not implemented for "
         "<class 'diffusers.schedulers.scheduling_ddpm.DDPMScheduler'>) "
-        "(fix that value, or re-save the scheduler the model was trained with (save_pretrained))")
+        "(fix that value, or re-save the scheduler the model was trained with (save_pretrained))"
+    )
 
 
 def test_schedule_that_is_no_noise_schedule(model, cache):
@@ -261,20 +300,27 @@ def test_unreadable_scheduler_config(model, cache):
     folder = model()
     (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
     assert fails(folder, cache=cache) == (
-        f"{folder / 'scheduler' / 'scheduler_config.json'} is not a JSON object (re-save the scheduler with save_pretrained)")
+        f"{folder / 'scheduler' / 'scheduler_config.json'} is not a JSON object (re-save the "
+        "scheduler with save_pretrained)"
+    )
 
 
 def test_weights_that_do_not_fit_the_config(model, cache):
     folder = model("grown")
-    _edit(folder / "unet" / "config.json", down_block_types=["AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"])
+    _edit(
+        folder / "unet" / "config.json",
+        down_block_types=["AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    )
     assert fails(folder, cache=cache) == (
         f"the weights in {folder / 'unet'} lack 10 parameters of its config.json "
         "(first: down_blocks.0.attentions.0.group_norm.bias) "
-        "(restore the config.json saved with these weights, or re-save the model with save_pretrained)")
+        "(restore the config.json saved with these weights, or re-save the model with save_pretrained)"
+    )
     folder = model("widened")
     _edit(folder / "unet" / "config.json", block_out_channels=[16, 32, 32, 32])
     assert fails(folder, cache=cache).startswith(
-        f"the weights in {folder / 'unet'} do not fit its config.json (size mismatch for conv_in.weight: ")
+        f"the weights in {folder / 'unet'} do not fit its config.json (size mismatch for conv_in.weight: "
+    )
 
 
 def test_missing_weights(model, cache):
@@ -282,7 +328,8 @@ def test_missing_weights(model, cache):
     _weights(folder).unlink()
     assert fails(folder, cache=cache) == (
         f"no weights file diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin in {folder / 'unet'} "
-        "(check that the download finished (or the variant name) and the folder is a saved diffusers model)")
+        "(check that the download finished (or the variant name) and the folder is a saved diffusers model)"
+    )
 
 
 def test_damaged_pickle_weights(model, cache):
@@ -291,7 +338,8 @@ def test_damaged_pickle_weights(model, cache):
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"garbage" * 10)
     assert fails(folder, cache=cache) == (
         f"weights file {folder / 'unet' / 'diffusion_pytorch_model.bin'} is damaged: not a complete torch file "
-        f"(UnpicklingError: Unsupported operand 103) ({DAMAGED_HINT})")
+        f"(UnpicklingError: Unsupported operand 103) ({DAMAGED_HINT})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,7 +362,8 @@ def test_pickle_that_runs_code_is_refused(model, tmp_path, cache):
     folder = _pickled_unet(model, lambda state: {**state, "hook": Touch(marker)})
     assert fails(folder, cache=cache) == (
         f"diffusion_pytorch_model.bin in {folder / 'unet'} needs arbitrary unpickling (getattr), "
-        f"which can run code ({TRUST_HINT})")
+        f"which can run code ({TRUST_HINT})"
+    )
     assert not marker.exists()
 
 
@@ -324,8 +373,21 @@ def test_trusted_pickle_loads_and_the_report_says_so(model, tmp_path, cache):
     np.save(data, np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)))
     assert "collections.defaultdict" in fails(folder, cache=cache)
     out = tmp_path / "report.json"
-    r = runner.invoke(app, ["audit", str(folder), *QUICK, "--cache-dir", str(cache), "--data", str(data),
-                            "--trust-remote-code", "--json", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "audit",
+            str(folder),
+            *QUICK,
+            "--cache-dir",
+            str(cache),
+            "--data",
+            str(data),
+            "--trust-remote-code",
+            "--json",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     assert report["options"]["trust_remote_code"] is True  # the flag as given
@@ -336,7 +398,8 @@ def test_trusted_pickle_loads_and_the_report_says_so(model, tmp_path, cache):
 def test_score_sde_checkpoint_that_needs_code(tmp_path, cache):
     path, _, _ = write_checkpoint(tmp_path / "sde", TINY, extra={"args": argparse.Namespace(lr=1e-4)})
     assert fails(path, cache=cache) == (
-        f"{path.name} needs arbitrary unpickling (argparse.Namespace), which can run code ({TRUST_HINT})")
+        f"{path.name} needs arbitrary unpickling (argparse.Namespace), which can run code ({TRUST_HINT})"
+    )
 
 
 def test_edm_network_pickle(tmp_path, cache):
@@ -344,7 +407,8 @@ def test_edm_network_pickle(tmp_path, cache):
     path = _write_pickle(tmp_path / "net", {"ema": EDMPrecond(), "loss_fn": Touch(marker)})
     assert fails(path, cache=cache) == (
         f"{path.name} is a pickled network: loading it runs code from the file "
-        "(pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source)")
+        "(pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source)"
+    )
     assert not marker.exists()
 
 
@@ -354,7 +418,8 @@ def test_data_file_that_needs_code(tmp_path, cache):
     torch.save({"x": torch.zeros(4, 2), "hook": Touch(marker)}, data)
     assert fails("test_errors:flat_probe", "--data", data, cache=cache) == (
         f"{data} holds a pickled getattr, and loading it would run code "
-        "(save the samples as a plain tensor (torch.save(x)) or as .npy)")
+        "(save the samples as a plain tensor (torch.save(x)) or as .npy)"
+    )
     assert not marker.exists()
 
 
@@ -365,19 +430,37 @@ def test_data_file_that_needs_code(tmp_path, cache):
 HINT = "pass a folder of images, an .npy/.npz/.pt array, or a .parquet/.csv/.jsonl table (local or hf://)"
 
 
-@pytest.mark.parametrize("name, write, message", [
-    ("few.npy", lambda p: np.save(p, np.zeros((1, 2))), "{p} holds 1 samples, the audit needs 2 (pass --samples 1 or more data)"),
-    ("shape.npy", lambda p: np.save(p, np.zeros((4, 3))),
-     "{p} holds samples of shape (3,), the model expects (2,) (save the samples as [N, *sample_shape], [N, H, W, C] or [N, D])"),
-    ("range.npy", lambda p: np.save(p, np.full((4, 2), 3.0)),
-     "{p} values span [3, 3], outside the model's data range [-1, 1] "
-     "(rescale the data to the model's range, or save 8-bit images (uint8))"),
-    ("nan.npy", lambda p: np.save(p, np.array([[0.0, np.nan]] * 4)), "{p} contains NaN or Inf (clean the data)"),
-    ("cut.npy", lambda p: p.write_bytes(b"\x93NUMPY\x01\x00"), "cannot read array file {p}: "),
-    ("two.npz", lambda p: np.savez(p, a=np.zeros((4, 2)), b=np.zeros((4, 2))), "{p} holds 2 arrays (a, b) (name one as two.npz#<key>)"),
-    ("x.txt", lambda p: p.write_text("1 2"), "cannot read '{p}': unknown data format .txt ({hint})"),
-    ("images", lambda p: p.mkdir(), "no image files in {p} (the folder must hold png/jpg/... images)"),
-])
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        (
+            "few.npy",
+            lambda p: np.save(p, np.zeros((1, 2))),
+            "{p} holds 1 samples, the audit needs 2 (pass --samples 1 or more data)",
+        ),
+        (
+            "shape.npy",
+            lambda p: np.save(p, np.zeros((4, 3))),
+            "{p} holds samples of shape (3,), the model expects (2,) (save the samples as [N, "
+            "*sample_shape], [N, H, W, C] or [N, D])",
+        ),
+        (
+            "range.npy",
+            lambda p: np.save(p, np.full((4, 2), 3.0)),
+            "{p} values span [3, 3], outside the model's data range [-1, 1] "
+            "(rescale the data to the model's range, or save 8-bit images (uint8))",
+        ),
+        ("nan.npy", lambda p: np.save(p, np.array([[0.0, np.nan]] * 4)), "{p} contains NaN or Inf (clean the data)"),
+        ("cut.npy", lambda p: p.write_bytes(b"\x93NUMPY\x01\x00"), "cannot read array file {p}: "),
+        (
+            "two.npz",
+            lambda p: np.savez(p, a=np.zeros((4, 2)), b=np.zeros((4, 2))),
+            "{p} holds 2 arrays (a, b) (name one as two.npz#<key>)",
+        ),
+        ("x.txt", lambda p: p.write_text("1 2"), "cannot read '{p}': unknown data format .txt ({hint})"),
+        ("images", lambda p: p.mkdir(), "no image files in {p} (the folder must hold png/jpg/... images)"),
+    ],
+)
 def test_bad_data(tmp_path, cache, name, write, message):
     path = tmp_path / name
     write(path)

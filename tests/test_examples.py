@@ -39,7 +39,7 @@ def example(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProces
 
 
 def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "conservcheck.cli", *args], tmp_path)
+    return run([sys.executable, "-m", "conservcheck.cli.app", *args], tmp_path)
 
 
 def test_train_funnel_quick(tmp_path):
@@ -58,10 +58,22 @@ def test_train_funnel_quick(tmp_path):
 def test_train_digits_quick_loads_as_a_diffusers_model(tmp_path):
     import torch
 
-    from conservcheck.references import load_reference
+    from conservcheck.adapters.resolve import load_reference
 
-    example("train_digits.py", "--steps", "20", "--log-every", "10", "--eval-draws", "1", "--out", "digits", "--samples", "",
-            tmp_path=tmp_path)
+    example(
+        "train_digits.py",
+        "--steps",
+        "20",
+        "--log-every",
+        "10",
+        "--eval-draws",
+        "1",
+        "--out",
+        "digits",
+        "--samples",
+        "",
+        tmp_path=tmp_path,
+    )
     record = json.loads((tmp_path / "digits" / "training.json").read_text())
     probe = load_reference(str(tmp_path / "digits"))
     assert probe.info.adapter == "diffusers" and probe.sample_shape == (1, 16, 16)
@@ -72,8 +84,17 @@ def test_train_digits_quick_loads_as_a_diffusers_model(tmp_path):
 
 
 def test_evaluation_pipeline_on_the_funnel(tmp_path):
-    proc = example("evaluation_pipeline.py", "embedded:funnel", "--samples", "4", "--points", "32",
-                   "--out", "table.md", tmp_path=tmp_path)
+    proc = example(
+        "evaluation_pipeline.py",
+        "embedded:funnel",
+        "--samples",
+        "4",
+        "--points",
+        "32",
+        "--out",
+        "table.md",
+        tmp_path=tmp_path,
+    )
     assert "embedded:funnel" in proc.stdout
     lines = (tmp_path / "table.md").read_text().splitlines()
     header = [c.strip() for c in lines[2].strip("|").split("|")]
@@ -111,7 +132,7 @@ def test_ci_gate_workflow_on_the_funnel(tmp_path):
     # The workflow's later steps, in-process (the audit above ran as the workflow runs it).
     from typer.testing import CliRunner
 
-    from conservcheck.cli import app
+    from conservcheck.cli.app import app
 
     runner = CliRunner()
     figures = runner.invoke(app, ["plot", str(tmp_path / "audit.json"), "--out", str(tmp_path / "figures")])
@@ -120,7 +141,9 @@ def test_ci_gate_workflow_on_the_funnel(tmp_path):
     for r in summary:
         if r["diagnostic"] == "loop" and r["metric"] == "abs_eq7":
             eq7[r["time_key"]] = max(eq7.get(r["time_key"], 0.0), r["median"])
-    gate = runner.invoke(app, ["gate", str(tmp_path / "audit.json"), "--fail-if", "loop.*.abs_eq7.median > 1 at all times"])
+    gate = runner.invoke(
+        app, ["gate", str(tmp_path / "audit.json"), "--fail-if", "loop.*.abs_eq7.median > 1 at all times"]
+    )
     assert gate.exit_code == (1 if min(eq7.values()) > 1 else 0)
 
 
@@ -130,14 +153,19 @@ def test_reproduce_figures_quick(tmp_path):
     out = tmp_path / "paper"
     numbers = (out / "numbers.md").read_text()
     assert "## Figs. 2, 5, 7 — embedded:digits" in numbers and "## Figs. 3, 4, 12 — embedded:funnel" in numbers
-    for name, figures in (("digits", ("loop_abs_circulation.png", "loop_abs_circulation_box.png", "curl_curl_mean_abs.png")),
-                          ("funnel", ("loop_abs_eq7.png", "stein_err_norm.png", "stein_stein.png"))):
+    for name, figures in (
+        ("digits", ("loop_abs_circulation.png", "loop_abs_circulation_box.png", "curl_curl_mean_abs.png")),
+        ("funnel", ("loop_abs_eq7.png", "stein_err_norm.png", "stein_stein.png")),
+    ):
         assert all((out / name / f).stat().st_size > 0 for f in figures)
         report = json.loads((out / f"{name}.json").read_text())
         # The rotation loop's control is exactly conservative and integrated by a spectral rule: its
         # medians sit far below the model's (at least 100×, measured ≥ 10⁴×).
-        med = {(r["field"], r["time_key"]): r["median"] for r in report["summary"]
-               if r["variant"] == "rotation" and r["metric"] == "abs_circulation"}
+        med = {
+            (r["field"], r["time_key"]): r["median"]
+            for r in report["summary"]
+            if r["variant"] == "rotation" and r["metric"] == "abs_circulation"
+        }
         for (field, key), value in med.items():
             if field == "model":
                 assert value > 100 * med[("control", key)]
@@ -150,14 +178,26 @@ def test_reproduce_figures_quick(tmp_path):
 def test_latent_diffusion_quick(tmp_path):
     example("latent_diffusion.py", "--quick", "--out", "latent", tmp_path=tmp_path)
     out = tmp_path / "latent"
-    for part in ("model_index.json", "vae/config.json", "unet/config.json", "scheduler/scheduler_config.json",
-                 "samples.png", "audit.json", "numbers.md", "figures/loop_abs_circulation.png",
-                 "figures/stein_err_norm.png"):
+    for part in (
+        "model_index.json",
+        "vae/config.json",
+        "unet/config.json",
+        "scheduler/scheduler_config.json",
+        "samples.png",
+        "audit.json",
+        "numbers.md",
+        "figures/loop_abs_circulation.png",
+        "figures/stein_err_norm.png",
+    ):
         assert (out / part).exists(), part
     # scaling_factor = 1 / std of the latent means: the scaled training latents have unit std.
     latents = np.load(out / "latents.npy")
     assert latents.shape == (1797, 2, 8, 8) and abs(float(latents.std()) - 1.0) < 1e-5
     report = json.loads((out / "audit.json").read_text())
     assert report["model"]["adapter"] == "latent" and report["model"]["sample_shape"] == [2, 8, 8]
-    assert {u["diagnostic"] + "." + u["variant"] for u in report["units"]} >= {"loop.rotation", "curl.subjacobian", "stein.data"}
+    assert {u["diagnostic"] + "." + u["variant"] for u in report["units"]} >= {
+        "loop.rotation",
+        "curl.subjacobian",
+        "stein.data",
+    }
     assert "## Figs. 2 b, d and 4 — latent space" in (out / "numbers.md").read_text()

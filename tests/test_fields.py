@@ -3,7 +3,7 @@
 import torch
 
 from conservcheck import OUProcess, VEProcess
-from conservcheck.fields import GaussianMixture, LinearField, gradient_field
+from conservcheck.analytic.fields import GaussianMixture, LinearField, gradient_field
 
 
 def _autograd_score(logp, x, t):
@@ -15,8 +15,13 @@ def _autograd_score(logp, x, t):
 def test_mixture_score_matches_autograd_of_log_density():
     g = torch.Generator().manual_seed(0)
     for proc in (OUProcess(), VEProcess()):
-        mix = GaussianMixture(torch.randn(4, 6, generator=g) * 3, torch.rand(4, 6, generator=g) + 0.1,
-                              weights=torch.tensor([1.0, 2.0, 3.0, 4.0]), process=proc, sample_shape=(2, 3))
+        mix = GaussianMixture(
+            torch.randn(4, 6, generator=g) * 3,
+            torch.rand(4, 6, generator=g) + 0.1,
+            weights=torch.tensor([1.0, 2.0, 3.0, 4.0]),
+            process=proc,
+            sample_shape=(2, 3),
+        )
         x = torch.randn(8, 2, 3, generator=g, dtype=torch.float64) * 3
         t = torch.linspace(0.05, 2.0, 8, dtype=torch.float64)
         # Both sides are exact float64 formulas: agreement at rounding level.

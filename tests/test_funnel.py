@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conservcheck import FlowProcess, OUProcess, VEProcess
+from conservcheck.analytic.funnel import Funnel
 from conservcheck.errors import UsageError
-from conservcheck.funnel import Funnel
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -83,9 +83,9 @@ def test_score_and_divergence_equal_autograd():
             # the two differ by the quadrature error only (observed ≤ 1e-11 relative).
             assert _rel(f.score(y, tt), grad) <= 1e-8
             # The grid is data-dependent (no vmap), so each row's Jacobian is taken on its own.
-            trace = torch.stack([
-                torch.autograd.functional.jacobian(lambda z: f.score(z[None], tt)[0], row).trace() for row in y
-            ])
+            trace = torch.stack(
+                [torch.autograd.functional.jacobian(lambda z: f.score(z[None], tt)[0], row).trace() for row in y]
+            )
             # Louis' identity vs differentiating the score: same grid, rounding-level agreement
             # relative to the largest term (−1/σ² at small t).
             scale = trace.abs() + 1 / proc.sigma(tt) ** 2

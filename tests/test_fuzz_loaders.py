@@ -21,23 +21,55 @@ import pytest
 import torch
 
 from conservcheck import VectorFieldProbe
-from conservcheck.adapters import diffusers_unet, score_sde
-from conservcheck.data import load_data
+from conservcheck.adapters import _diffusers, score_sde
+from conservcheck.adapters.resolve import load_reference
+from conservcheck.adapters.score_sde import config as sde_config
+from conservcheck.adapters.score_sde import convert as sde_convert
 from conservcheck.errors import ConservcheckError
-from conservcheck.references import load_reference
+from conservcheck.x0.data import load_data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SEED = 20250611
 #: Values that break type and range assumptions (sizes stay small, so nothing large is allocated).
-WEIRD = [None, True, False, 0, -1, 1, 2, 3, 7, 1.5, -0.5, float("nan"), float("inf"), "", "x", "linear",
-         "epsilon", [], [0], [1, 2], [-1.0, 2.0], {}, {"a": 1}, 100_000]
+WEIRD = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    3,
+    7,
+    1.5,
+    -0.5,
+    float("nan"),
+    float("inf"),
+    "",
+    "x",
+    "linear",
+    "epsilon",
+    [],
+    [0],
+    [1, 2],
+    [-1.0, 2.0],
+    {},
+    {"a": 1},
+    100_000,
+]
 #: A tiny NCSN++ (the layout of score_sde's configs) that builds in a fraction of a second.
 TINY_SDE = {
     "training": {"sde": "vesde", "continuous": True},
     "data": {"image_size": 16, "num_channels": 3, "centered": False},
-    "model": {"nf": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [8], "sigma_max": 50.0,
-              "sigma_min": 0.01},
+    "model": {
+        "nf": 32,
+        "ch_mult": [1, 2, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [8],
+        "sigma_max": 50.0,
+        "sigma_min": 0.01,
+    },
 }
 
 
@@ -75,13 +107,13 @@ def random_bytes(rng: random.Random, n: int) -> bytes:
 def test_scheduler_configs(ddpm_folder):
     rng = random.Random(SEED)
     base = json.loads((ddpm_folder() / "scheduler" / "scheduler_config.json").read_text())
-    names = [*diffusers_unet.SUPPORTED_SCHEDULERS, "EulerDiscreteScheduler", "FooScheduler", None, 3]
+    names = [*_diffusers.SUPPORTED_SCHEDULERS, "EulerDiscreteScheduler", "FooScheduler", None, 3]
     errors = 0
     for i in range(80):
         cfg = mutate(rng, base, n=rng.randint(1, 4))
         if rng.random() < 0.3:
             cfg["_class_name"] = rng.choice(names)
-        errors += clean(f"scheduler config {i}: {cfg}", lambda: diffusers_unet.scheduler_units(cfg, "fuzz")) is not None
+        errors += clean(f"scheduler config {i}: {cfg}", lambda: _diffusers.scheduler_units(cfg, "fuzz")) is not None
     assert 10 < errors < 80  # the mutations hit both harmless and fatal values
 
 
@@ -94,8 +126,19 @@ def test_folder_configs(ddpm_folder, tmp_path):
     rng = random.Random(SEED + 1)
     src = ddpm_folder()
     unet_cfg = json.loads((src / "unet" / "config.json").read_text())
-    unet_keys = ["sample_size", "in_channels", "out_channels", "layers_per_block", "block_out_channels", "norm_num_groups",
-                 "down_block_types", "up_block_types", "_class_name", "num_class_embeds", "time_embedding_type"]
+    unet_keys = [
+        "sample_size",
+        "in_channels",
+        "out_channels",
+        "layers_per_block",
+        "block_out_channels",
+        "norm_num_groups",
+        "down_block_types",
+        "up_block_types",
+        "_class_name",
+        "num_class_embeds",
+        "time_embedding_type",
+    ]
     for i in range(10):
         folder = _copy(src, tmp_path / f"m{i}")
         target = rng.choice(["unet", "unet", "scheduler", "index"])
@@ -119,8 +162,15 @@ def _truncations(rng: random.Random, blob: bytes) -> list[tuple[str, bytes]]:
     flip = bytearray(blob)
     at = rng.randrange(8 + n)  # a byte of the length or the JSON header
     flip[at] ^= 1 << rng.randrange(8)
-    fake = json.dumps({"w": {"dtype": rng.choice(["F32", "Q9", 3]), "shape": rng.choice([[2], [-1], "x", [2, 2]]),
-                             "data_offsets": rng.choice([[0, 8], [8, 0], [0], "x", [0, 10**12]])}}).encode()
+    fake = json.dumps(
+        {
+            "w": {
+                "dtype": rng.choice(["F32", "Q9", 3]),
+                "shape": rng.choice([[2], [-1], "x", [2, 2]]),
+                "data_offsets": rng.choice([[0, 8], [8, 0], [0], "x", [0, 10**12]]),
+            }
+        }
+    ).encode()
     return [
         (f"cut at {cut}", blob[:cut]),
         (f"bit flip at {at}", bytes(flip)),
@@ -149,9 +199,24 @@ def test_safetensors_bytes(ddpm_folder, tmp_path):
 
 def test_score_sde_configs():
     rng = random.Random(SEED + 3)
-    sections = {"training": ["sde", "continuous"], "data": ["image_size", "num_channels", "centered"],
-                "model": ["nf", "ch_mult", "num_res_blocks", "attn_resolutions", "sigma_max", "sigma_min", "embedding_type",
-                          "fir_kernel", "scale_by_sigma", "progressive", "beta_min", "beta_max"]}
+    sections = {
+        "training": ["sde", "continuous"],
+        "data": ["image_size", "num_channels", "centered"],
+        "model": [
+            "nf",
+            "ch_mult",
+            "num_res_blocks",
+            "attn_resolutions",
+            "sigma_max",
+            "sigma_min",
+            "embedding_type",
+            "fir_kernel",
+            "scale_by_sigma",
+            "progressive",
+            "beta_min",
+            "beta_max",
+        ],
+    }
     errors = 0
     for i in range(150):
         cfg = json.loads(json.dumps(TINY_SDE))
@@ -165,9 +230,9 @@ def test_score_sde_configs():
             cfg = rng.choice(WEIRD)
 
         def convert():
-            c = score_sde.config_from_dict(cfg, "fuzz")
-            score_sde.check_convertible(c)
-            score_sde.unet_kwargs(c)
+            c = sde_config.config_from_dict(cfg, "fuzz")
+            sde_convert.check_convertible(c)
+            sde_convert.unet_kwargs(c)
             score_sde.units(c)
 
         errors += clean(f"score_sde config {i}: {cfg}", convert) is not None
@@ -206,7 +271,10 @@ def test_score_sde_checkpoints(tmp_path):
         path = tmp_path / f"checkpoint_{i}.pth"
         path.write_bytes(data)
         clean(f"score_sde checkpoint {what}", lambda: score_sde.load(path, config=str(config)))
-        clean(f"score_sde checkpoint {what} (trusted)", lambda: score_sde.load(path, config=str(config), trust_remote_code=True))
+        clean(
+            f"score_sde checkpoint {what} (trusted)",
+            lambda: score_sde.load(path, config=str(config), trust_remote_code=True),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,10 +367,13 @@ def test_image_folders(tmp_path):
         folder = tmp_path / f"images{i}"
         (folder / "sub").mkdir(parents=True)
         for j in range(rng.randint(0, 4)):
-            name = f"{'sub/' if rng.random() < 0.3 else ''}{j}{rng.choice(['.png', '.jpg', '.tif', '.gif', '.webp', '.txt'])}"
+            suffix = rng.choice([".png", ".jpg", ".tif", ".gif", ".webp", ".txt"])
+            name = f"{'sub/' if rng.random() < 0.3 else ''}{j}{suffix}"
             (folder / name).write_bytes(_image_bytes(rng))
         probe = rng.choice([IMAGE, IMAGE, FLAT])
         n = rng.randint(1, 3)
-        err = clean(f"image folder {i} for shape {probe.sample_shape}, n={n}", lambda: load_data(str(folder), probe, n, seed=i))
+        err = clean(
+            f"image folder {i} for shape {probe.sample_shape}, n={n}", lambda: load_data(str(folder), probe, n, seed=i)
+        )
         outcomes["ok" if err is None else "error"] += 1
     assert outcomes["ok"] > 0 and outcomes["error"] > 0

@@ -8,16 +8,28 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conservcheck.errors import UsageError
-from conservcheck.gate import Condition, VerdictCondition, evaluate, junit_xml, parse, write_junit
-from conservcheck.report import AuditReport
+from conservcheck.report.audit_report import AuditReport
+from conservcheck.report.gate import Condition, VerdictCondition, evaluate, junit_xml, parse, write_junit
 
 
 def _unit(variant, index, values, status="ok", diagnostic="loop"):
     t = 0.001 * index
-    return {"field": "model", "diagnostic": diagnostic, "variant": variant, "status": status,
-            "message": None if status == "ok" else "NaN/Inf values", "meta": {},
-            "time": {"key": f"k{index}", "index": index, "t": t, "sigma": math.sqrt(-math.expm1(-2 * t)), "alpha": math.exp(-t)},
-            "values": values}
+    return {
+        "field": "model",
+        "diagnostic": diagnostic,
+        "variant": variant,
+        "status": status,
+        "message": None if status == "ok" else "NaN/Inf values",
+        "meta": {},
+        "time": {
+            "key": f"k{index}",
+            "index": index,
+            "t": t,
+            "sigma": math.sqrt(-math.expm1(-2 * t)),
+            "alpha": math.exp(-t),
+        },
+        "values": values,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +43,14 @@ def report():
         _unit("hutchinson", 500, {"rel_asym": [0.5, 0.5, 0.5]}, diagnostic="curl"),
     ]
     points = [u["time"] for u in units[:2]]
-    header = {"model": {"name": "synthetic", "precision": "fp32"}, "process": {"name": "ou", "time": "t"},
-              "options": {"seed": 0}, "time_points": points, "problems": [], "complete": True}
+    header = {
+        "model": {"name": "synthetic", "precision": "fp32"},
+        "process": {"name": "ou", "time": "t"},
+        "options": {"seed": 0},
+        "time_points": points,
+        "problems": [],
+        "complete": True,
+    }
     return AuditReport.from_units(header, units)
 
 
@@ -110,8 +128,14 @@ def test_missing_metric_and_time_point_are_usage_errors(report):
 
 def test_units_without_values_make_conditions_hold():
     units = [_unit("rotation", 10, {"abs_circulation_ratio": [0.0, float("nan")]}, status="nonfinite")]
-    header = {"model": {"name": "m", "precision": "fp32"}, "process": {"name": "ou", "time": "t"},
-              "options": {"seed": 0}, "time_points": [units[0]["time"]], "problems": [], "complete": True}
+    header = {
+        "model": {"name": "m", "precision": "fp32"},
+        "process": {"name": "ou", "time": "t"},
+        "options": {"seed": 0},
+        "time_points": [units[0]["time"]],
+        "problems": [],
+        "complete": True,
+    }
     rep = AuditReport.from_units(header, units)
     result = evaluate(parse("loop.rotation.abs_circulation_ratio.median > 100"), rep)
     assert result.holds and "has no value (nonfinite)" in result.details[0]

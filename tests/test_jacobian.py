@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conservcheck import DiscreteSchedule, OUProcess, VectorFieldProbe
+from conservcheck.analytic.fields import LinearField, gradient_field
 from conservcheck.errors import ProbeContractError, UsageError
-from conservcheck.fields import LinearField, gradient_field
-from conservcheck.jacobian import (
+from conservcheck.geometry.jacobian import (
     STRATEGIES,
     divergence_exact,
     divergence_hutchinson,
@@ -229,9 +229,15 @@ def tiny_attention_unet(tmp_path, classic: bool):
 
     torch.manual_seed(0)
     UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, down_block_types=("AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D"), attention_head_dim=None,
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        attention_head_dim=None,
     ).save_pretrained(tmp_path)
     unet = UNet2DModel.from_pretrained(tmp_path).to(F64).eval().requires_grad_(False)
     for module in unet.modules():
@@ -246,8 +252,12 @@ def tiny_attention_unet(tmp_path, classic: bool):
 def unet_probe(request, tmp_path_factory, single_thread):
     unet = tiny_attention_unet(tmp_path_factory.mktemp(f"unet-{request.param}"), request.param == "classic")
     probe = VectorFieldProbe(
-        lambda x, k: unet(x, k).sample, process=OUProcess(), time_convention=DiscreteSchedule.linear(),
-        parameterization="epsilon", sample_shape=(3, 8, 8), dtype=F64,
+        lambda x, k: unet(x, k).sample,
+        process=OUProcess(),
+        time_convention=DiscreteSchedule.linear(),
+        parameterization="epsilon",
+        sample_shape=(3, 8, 8),
+        dtype=F64,
     )
     return request.param, probe
 

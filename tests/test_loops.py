@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from conservcheck import OUProcess, VEProcess
-from conservcheck.diagnostics.base import TimePoint
-from conservcheck.diagnostics.loops import COLUMNS, loop_diagnostic
-from conservcheck.engine import Batcher
+from conservcheck.analytic.fields import GaussianMixture, LinearField, as_probe, gradient_field
+from conservcheck.batching import Batcher
+from conservcheck.diagnostics.loop_integral import COLUMNS, loop_diagnostic
 from conservcheck.errors import UsageError
-from conservcheck.fields import GaussianMixture, LinearField, as_probe, gradient_field
-from conservcheck.paths import ProjectionLoop, RotationLoop, make_loops
+from conservcheck.geometry.loops import make_loops
+from conservcheck.geometry.loops.projection import ProjectionLoop
+from conservcheck.geometry.loops.rotation import RotationLoop
+from conservcheck.timepoints import TimePoint
 
 F64, F32 = torch.float64, torch.float32
 D = 6
@@ -189,8 +191,9 @@ def test_linear_field_projection_loop_closed_form():
     e2 = e2 / e2.norm(dim=2, keepdim=True)
     theta = torch.acos(cos.squeeze(2).clamp(-1, 1))
     exact = loop.radius**2 * (theta * torch.einsum("bki,ij,bkj->bk", e2, full.K, dh)).sum(1)
-    v = _run(full, OUProcess(), time, x0=x0, path="projection", rule="clenshaw_curtis", n_points=1000,
-             n_vertices=5).values
+    v = _run(
+        full, OUProcess(), time, x0=x0, path="projection", rule="clenshaw_curtis", n_points=1000, n_vertices=5
+    ).values
     # 200 Clenshaw–Curtis nodes per analytic arc: spectral accuracy, rounding-level agreement.
     assert torch.allclose(v["circulation"], exact, rtol=1e-12, atol=0)
     auto = _run(full, OUProcess(), time, x0=x0, path="projection", n_points="auto", n_vertices=5, tol=1e-6).values
@@ -229,15 +232,20 @@ def test_same_seed_same_numbers_for_any_batching_and_chunking():
     mix = _mixture(ou)
     probe = as_probe(mix, (D,), ou)
     x0 = _x0(7)
-    for kw in ({"path": "rotation", "n_points": "auto"}, {"path": "projection", "n_points": 200},
-               {"path": "brownian", "n_points": 200}):
+    for kw in (
+        {"path": "rotation", "n_points": "auto"},
+        {"path": "projection", "n_points": 200},
+        {"path": "brownian", "n_points": 200},
+    ):
         ref = loop_diagnostic(probe, x0, time, seed=7, batcher=Batcher(4096), **kw).values
         runs = [
             loop_diagnostic(probe, x0, time, seed=7, batcher=Batcher(5), **kw).values,
             loop_diagnostic(probe, x0, time, seed=7, batcher=Batcher(13), max_chunk_elements=1, **kw).values,
         ]
-        parts = [loop_diagnostic(probe, x0[:3], time, seed=7, batcher=Batcher(64), **kw).values,
-                 loop_diagnostic(probe, x0[3:], time, seed=7, batcher=Batcher(64), start=3, **kw).values]
+        parts = [
+            loop_diagnostic(probe, x0[:3], time, seed=7, batcher=Batcher(64), **kw).values,
+            loop_diagnostic(probe, x0[3:], time, seed=7, batcher=Batcher(64), start=3, **kw).values,
+        ]
         runs.append({c: torch.cat([p[c] for p in parts]) for c in COLUMNS})
         for other in runs:
             for c in COLUMNS:
@@ -272,8 +280,14 @@ def test_usage_errors():
     full, _ = _linear()
     ou = OUProcess()
     time = TimePoint.from_t(ou, 0.7)
-    for kw in ({"path": "spiral"}, {"path": "brownian", "rule": "periodic"}, {"n_points": 3}, {"n_points": "many"},
-               {"tol": 0}, {"path": "projection", "n_vertices": 2}):
+    for kw in (
+        {"path": "spiral"},
+        {"path": "brownian", "rule": "periodic"},
+        {"n_points": 3},
+        {"n_points": "many"},
+        {"tol": 0},
+        {"path": "projection", "n_vertices": 2},
+    ):
         with pytest.raises(UsageError):
             _run(full, ou, time, **kw)
     probe = as_probe(full, (D,), ou)
@@ -291,11 +305,22 @@ def test_smoke_on_a_tiny_diffusers_unet():
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 8),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
     ).eval()
-    probe = VectorFieldProbe(lambda x, k: unet(x, k).sample, process=OUProcess(), sample_shape=(1, 8, 8),
-                             parameterization="epsilon", time_convention=DiscreteSchedule.linear())
+    probe = VectorFieldProbe(
+        lambda x, k: unet(x, k).sample,
+        process=OUProcess(),
+        sample_shape=(1, 8, 8),
+        parameterization="epsilon",
+        time_convention=DiscreteSchedule.linear(),
+    )
     time = TimePoint.from_t(OUProcess(), float(DiscreteSchedule.linear().t_grid[300]), index=300)
     x0 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     res = loop_diagnostic(probe, x0, time, seed=0, batcher=Batcher(64), n_points=64)

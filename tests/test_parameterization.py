@@ -8,7 +8,7 @@ For data N(0, σ_d² I) the noised marginal is N(0, (α²σ_d² + σ²) I), so t
 import pytest
 import torch
 
-from conservcheck import DiscreteSchedule, FlowProcess, OUProcess, VEProcess, VectorFieldProbe
+from conservcheck import DiscreteSchedule, FlowProcess, OUProcess, VectorFieldProbe, VEProcess
 from conservcheck.process import expand_like
 
 SIGMA_D = 0.5
@@ -44,7 +44,9 @@ def test_oracle_networks_give_the_exact_score(proc, kind):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
     t = torch.tensor([0.05, 0.1, 0.3, 0.5, 0.8, 0.95], dtype=torch.float64)
-    probe = VectorFieldProbe(oracle(kind, proc), process=proc, sample_shape=(2, 3), parameterization=kind, dtype=torch.float64)
+    probe = VectorFieldProbe(
+        oracle(kind, proc), process=proc, sample_shape=(2, 3), parameterization=kind, dtype=torch.float64
+    )
     exact = oracle("score", proc)(x, t)
     # Exact algebra in float64: agreement to a few ulps of the score's magnitude.
     assert torch.allclose(probe.score(x, t), exact, rtol=1e-12, atol=1e-12)
@@ -58,7 +60,9 @@ def test_discrete_time_convention_feeds_the_index():
         seen["k"] = k
         return torch.zeros_like(x)
 
-    probe = VectorFieldProbe(net, process=OUProcess(), time_convention=sched, sample_shape=(3,), parameterization="epsilon")
+    probe = VectorFieldProbe(
+        net, process=OUProcess(), time_convention=sched, sample_shape=(3,), parameterization="epsilon"
+    )
     probe.score(torch.zeros(2, 3), sched.to_canonical(torch.tensor([10.0, 500.0])))
     assert seen["k"].dtype == torch.float32
     assert torch.allclose(seen["k"], torch.tensor([10.0, 500.0]), atol=1e-4)
@@ -68,8 +72,14 @@ def test_epsilon_conversion_uses_sqrt_not_variance():
     # s = −ε̂/√(1 − ᾱ): dividing by (1 − ᾱ) instead inflates magnitudes by 1/√(1 − ᾱ) (≈ 58× at ᾱ = 0.9997).
     sched = DiscreteSchedule.linear()
     k = torch.tensor([2.0])
-    probe = VectorFieldProbe(lambda x, kk: torch.ones_like(x), process=OUProcess(), time_convention=sched,
-                             sample_shape=(1,), parameterization="epsilon", dtype=torch.float64)
+    probe = VectorFieldProbe(
+        lambda x, kk: torch.ones_like(x),
+        process=OUProcess(),
+        time_convention=sched,
+        sample_shape=(1,),
+        parameterization="epsilon",
+        dtype=torch.float64,
+    )
     s = probe.score(torch.zeros(1, 1, dtype=torch.float64), sched.to_canonical(k))
     ab = sched.alphas_cumprod[2]
     assert torch.allclose(s, -torch.ones(1, 1, dtype=torch.float64) / torch.sqrt(1 - ab), rtol=1e-12)

@@ -6,21 +6,16 @@ import pytest
 import torch
 
 from conservcheck import OUProcess, VEProcess
-from conservcheck.diagnostics.base import TimePoint, forward_samples
 from conservcheck.errors import UsageError
-from conservcheck.paths import (
-    PATH_RULES,
-    ProjectionLoop,
-    RotationLoop,
-    brownian_bridge,
-    brownian_loops,
-    make_loops,
-    projection_loops,
-    rotation_loops,
-    shell_radius,
-)
+from conservcheck.geometry import loops
+from conservcheck.geometry.loops import make_loops
+from conservcheck.geometry.loops.brownian import brownian_bridge, brownian_loops
+from conservcheck.geometry.loops.projection import ProjectionLoop, projection_loops, shell_radius
+from conservcheck.geometry.loops.rotation import RotationLoop, rotation_loops
+from conservcheck.timepoints import TimePoint, forward_samples
 
 F64 = torch.float64
+PATH_RULES = {name: loop.rules for name, loop in loops.registered().items()}
 TIME = TimePoint.from_t(OUProcess(), 0.4, index=7)
 
 
@@ -31,7 +26,7 @@ def _x0(b=4, shape=(2, 3), seed=0):
 def test_rotation_starts_at_x_t_and_keeps_the_noise_norm():
     x0 = _x0()
     loop = RotationLoop.from_samples(x0, TIME, seed=3)
-    x_t, eps = forward_samples(OUProcess(), x0, TIME, seed=3)
+    x_t, eps = forward_samples(x0, TIME, seed=3)
     u = torch.linspace(0, 1, 37, dtype=F64)[:-1]
     y = loop.point(u)
     assert torch.equal(y[:, 0], x_t)
@@ -43,7 +38,7 @@ def test_rotation_starts_at_x_t_and_keeps_the_noise_norm():
 def test_rotation_pairs_every_component_and_fixes_the_odd_one():
     x0 = _x0(3, (5,))
     loop = RotationLoop.from_samples(x0, TIME, seed=1)
-    _, eps = forward_samples(OUProcess(), x0, TIME, seed=1)
+    _, eps = forward_samples(x0, TIME, seed=1)
     assert loop.pairs.shape == (3, 2, 2)
     for b in range(3):
         flat = loop.pairs[b].flatten()
@@ -86,7 +81,7 @@ def test_projection_points_lie_on_the_shell_and_the_loop_closes():
     dist = (batch.points - loop.center[:, None]).flatten(2).norm(dim=2)
     assert torch.allclose(dist, torch.full_like(dist, loop.radius), rtol=1e-14)
     # Vertex 0 is the forward sample x_t, projected radially.
-    x_t, eps = forward_samples(OUProcess(), x0, TIME, 4)
+    x_t, eps = forward_samples(x0, TIME, 4)
     d0 = TIME.sigma * eps
     assert torch.allclose(batch.points[:, 0], loop.center + loop.radius * d0 / d0.norm(dim=1, keepdim=True), rtol=1e-14)
     # End of edge j (λ = 1) is the start of edge j + 1, and the last edge ends at the first vertex.
@@ -144,8 +139,8 @@ def test_brownian_bridge_law_and_nesting():
 
 def test_brownian_loop_starts_at_x_t():
     x0 = _x0()
-    batch = brownian_loops(x0, TIME, 9, n_points=20, bridge_U=4.0)
-    x_t, _ = forward_samples(OUProcess(), x0, TIME, 9)
+    batch = brownian_loops(x0, TIME, 9, n_points=20, bridge_u=4.0)
+    x_t, _ = forward_samples(x0, TIME, 9)
     assert torch.equal(batch.points[:, 0], x_t)
     assert torch.equal(batch.params, torch.arange(20, dtype=F64) / 20)
 
@@ -155,16 +150,19 @@ def test_loops_are_keyed_by_sample_index(path):
     x0 = _x0(5)
     for rule in PATH_RULES[path]:
         full = make_loops(path, x0, TIME, 11, n_points=24, rule=rule, n_vertices=4)
-        parts = [make_loops(path, x0[:2], TIME, 11, n_points=24, rule=rule, n_vertices=4),
-                 make_loops(path, x0[2:], TIME, 11, n_points=24, rule=rule, n_vertices=4, index=2)]
+        parts = [
+            make_loops(path, x0[:2], TIME, 11, n_points=24, rule=rule, n_vertices=4),
+            make_loops(path, x0[2:], TIME, 11, n_points=24, rule=rule, n_vertices=4, index=2),
+        ]
         picked = make_loops(path, x0[[4, 1]], TIME, 11, n_points=24, rule=rule, n_vertices=4, index=[4, 1])
         for name in ("points", "weights", "length_weights", "coarse_weights", "coarse_length_weights"):
             whole = getattr(full, name)
             assert torch.equal(torch.cat([getattr(p, name) for p in parts]), whole)
             assert torch.equal(getattr(picked, name), whole[[4, 1]])
         other_seed = make_loops(path, x0, TIME, 12, n_points=24, rule=rule, n_vertices=4)
-        other_time = make_loops(path, x0, TimePoint.from_t(OUProcess(), 0.4, index=8), 11, n_points=24, rule=rule,
-                                n_vertices=4)
+        other_time = make_loops(
+            path, x0, TimePoint.from_t(OUProcess(), 0.4, index=8), 11, n_points=24, rule=rule, n_vertices=4
+        )
         assert not torch.allclose(other_seed.points, full.points)
         assert not torch.allclose(other_time.points, full.points)
 
@@ -185,7 +183,7 @@ def test_ve_loops_and_bad_arguments():
     ve = TimePoint.from_t(VEProcess(), 2.5)
     x0 = _x0()
     loop = RotationLoop.from_samples(x0, ve, 0)
-    assert torch.allclose(loop.center + loop.a, forward_samples(VEProcess(), x0, ve, 0)[0], rtol=1e-15)
+    assert torch.allclose(loop.center + loop.a, forward_samples(x0, ve, 0)[0], rtol=1e-15)
     with pytest.raises(UsageError):
         make_loops("spiral", x0, ve, 0)
     with pytest.raises(UsageError):

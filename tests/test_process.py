@@ -34,7 +34,9 @@ def test_cosine_schedule_matches_diffusers():
 def test_schedules_match_diffusers(name):
     from diffusers import DDPMScheduler
 
-    ours = getattr(DiscreteSchedule, name)(**({"beta_start": 0.00085, "beta_end": 0.012} if name == "scaled_linear" else {}))
+    ours = getattr(DiscreteSchedule, name)(
+        **({"beta_start": 0.00085, "beta_end": 0.012} if name == "scaled_linear" else {})
+    )
     kwargs = {"beta_start": 0.00085, "beta_end": 0.012} if name == "scaled_linear" else {}
     theirs = DDPMScheduler(beta_schedule=name, **kwargs).alphas_cumprod.double()
     assert torch.allclose(ours.alphas_cumprod, theirs, rtol=1e-5, atol=1e-9)

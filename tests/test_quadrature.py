@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conservcheck.errors import UsageError
-from conservcheck.paths import RotationLoop
-from conservcheck.quadrature import (
+from conservcheck.geometry.loops import loop_sums
+from conservcheck.geometry.loops.rotation import RotationLoop
+from conservcheck.geometry.quadrature import (
     clenshaw_curtis_rule,
-    loop_sums,
     periodic_rule,
     polygon_weights,
     tangent_weights,
@@ -28,7 +28,7 @@ def _unit_circle(u):
 
 def _cubic(y):
     # s = (−y₂³, y₁³): on the unit circle ∮ s·dy = ∫ (sin⁴θ + cos⁴θ) dθ = 3π/2.
-    return torch.stack([-y[..., 1] ** 3, y[..., 0] ** 3], -1)
+    return torch.stack([-(y[..., 1] ** 3), y[..., 0] ** 3], -1)
 
 
 def _exp_field(y):

@@ -9,19 +9,19 @@ import pytest
 import torch
 
 from conservcheck import OUProcess, VEProcess
-from conservcheck.errors import UsageError
-from conservcheck.fields import GaussianMixture, as_probe
-from conservcheck.funnel import Funnel
-from conservcheck.reference import (
+from conservcheck.analytic.fields import GaussianMixture, as_probe
+from conservcheck.analytic.funnel import Funnel
+from conservcheck.analytic.reference_scores import (
     CallableReference,
     EmpiricalScore,
     FieldReference,
     mixture_divergence,
     resolve_reference,
 )
-
+from conservcheck.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _autograd_score(logp, x, t):
     x = x.clone().requires_grad_(True)
@@ -31,11 +31,14 @@ def _autograd_score(logp, x, t):
 
 def _trace_of_jacobian(score, x, t):
     """Δ log p per row from autograd of the score (one row at a time)."""
-    return torch.stack([
-        torch.autograd.functional.jacobian(lambda z: score(z[None], t[i : i + 1])[0], x[i])
-        .reshape(x[i].numel(), x[i].numel()).trace()
-        for i in range(x.shape[0])
-    ])
+    return torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda z: score(z[None], t[i : i + 1])[0], x[i])
+            .reshape(x[i].numel(), x[i].numel())
+            .trace()
+            for i in range(x.shape[0])
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +107,9 @@ def test_closed_form_divergences_equal_autograd_traces(latents, t):
     # Same sums differentiated two ways; relative to the largest term D/σ² of the divergence.
     scale = 8 / OUProcess().sigma(tt) ** 2
     assert float(((emp.divergence(x, tt) - _trace_of_jacobian(emp.score, x, tt)).abs() / scale).max()) < 1e-10
-    mix = GaussianMixture(torch.randn(3, 4, generator=g) * 2, torch.rand(3, 4, generator=g) + 0.2,
-                          weights=torch.tensor([1.0, 2.0, 3.0]))
+    mix = GaussianMixture(
+        torch.randn(3, 4, generator=g) * 2, torch.rand(3, 4, generator=g) + 0.2, weights=torch.tensor([1.0, 2.0, 3.0])
+    )
     y = torch.randn(5, 4, generator=g, dtype=torch.float64) * 2
     assert torch.allclose(mixture_divergence(mix, y, tt), _trace_of_jacobian(mix.score, y, tt), rtol=1e-10, atol=1e-10)
     fun = FieldReference(Funnel(3))

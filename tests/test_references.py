@@ -17,8 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from conservcheck import ModelLoadError, UsageError, VectorFieldProbe, adapters, hub
-from conservcheck.references import load_reference, resolve
+from conservcheck import ModelLoadError, UsageError, VectorFieldProbe, adapters
+from conservcheck.adapters import hub
+from conservcheck.adapters.resolve import load_reference, resolve
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -115,8 +116,15 @@ def test_offline_cache_hit_records_commit_and_weights_hash(cached, offline):
     assert probe.time_convention.name == "linear"
 
 
-@pytest.mark.parametrize("ref,kw", [("owner/tiny", {"revision": "v1"}), ("owner/tiny@v1", {}),
-                                    ("owner/tiny", {"revision": COMMIT_B}), (f"owner/tiny@{COMMIT_B}", {})])
+@pytest.mark.parametrize(
+    "ref,kw",
+    [
+        ("owner/tiny", {"revision": "v1"}),
+        ("owner/tiny@v1", {}),
+        ("owner/tiny", {"revision": COMMIT_B}),
+        (f"owner/tiny@{COMMIT_B}", {}),
+    ],
+)
 def test_offline_revision_resolution(cached, offline, ref, kw):
     probe = load_reference(ref, cache_dir=cached, **kw)
     assert probe.info.revision == COMMIT_B and probe.time_convention.name == "squaredcos_cap_v2"
@@ -145,7 +153,7 @@ def test_offline_uncached_revision_lists_the_cached_ones(cached, offline):
 def test_offline_env_var_at_interpreter_start(cached):
     """HF_HUB_OFFLINE=1 set before huggingface_hub is imported (the usual way) works the same."""
     code = textwrap.dedent(f"""
-        from conservcheck.references import load_reference
+        from conservcheck.adapters.resolve import load_reference
         print(load_reference("owner/tiny@v1", cache_dir={str(cached)!r}).info.revision)
     """)
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cached)}
@@ -201,12 +209,20 @@ def fake_hub(online):
     server.server_close()
 
 
-@pytest.mark.parametrize("ref,kw,message,hint", [
-    ("owner/missing", {}, "model repository owner/missing was not found on the Hub", "check the spelling"),
-    ("owner/gated", {}, "owner/gated is a gated repository", "accept the license at {ep}/owner/gated and log in"),
-    ("owner/tiny", {"revision": "nope"}, "revision 'nope' does not exist in owner/tiny", "{ep}/owner/tiny/commits/main"),
-    ("owner/broken", {}, "answered HTTP 500 for owner/broken", "try again later"),
-])
+@pytest.mark.parametrize(
+    "ref,kw,message,hint",
+    [
+        ("owner/missing", {}, "model repository owner/missing was not found on the Hub", "check the spelling"),
+        ("owner/gated", {}, "owner/gated is a gated repository", "accept the license at {ep}/owner/gated and log in"),
+        (
+            "owner/tiny",
+            {"revision": "nope"},
+            "revision 'nope' does not exist in owner/tiny",
+            "{ep}/owner/tiny/commits/main",
+        ),
+        ("owner/broken", {}, "answered HTTP 500 for owner/broken", "try again later"),
+    ],
+)
 def test_hub_errors(fake_hub, tmp_path, ref, kw, message, hint):
     with pytest.raises(ModelLoadError) as err:
         load_reference(ref, cache_dir=tmp_path, endpoint=fake_hub, **kw)
@@ -243,7 +259,8 @@ def test_broken_third_party_adapter_does_not_break_the_others(tmp_path, monkeypa
         "[conservcheck.adapters]\naaa_broken = ccthird_broken\nzzz_good = ccthird_good\ndiffusers = ccthird_good\n"
     )
     (site / "ccthird_broken.py").write_text("raise ImportError('missing dependency')\n")
-    (site / "ccthird_good.py").write_text(textwrap.dedent("""
+    (site / "ccthird_good.py").write_text(
+        textwrap.dedent("""
         import torch
         from conservcheck import VectorFieldProbe
         NAME = "good"
@@ -251,7 +268,8 @@ def test_broken_third_party_adapter_does_not_break_the_others(tmp_path, monkeypa
             return (path / "good.txt").is_file()
         def load(path, *, device="cpu", dtype=torch.float32, trust_remote_code=False, **options):
             return VectorFieldProbe(lambda x, t: -x, sample_shape=(2,), device=device, dtype=dtype)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(site))
     for mod in ("ccthird_broken", "ccthird_good"):
         monkeypatch.delitem(sys.modules, mod, raising=False)

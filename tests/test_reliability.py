@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import jsonschema
@@ -23,15 +22,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import conservcheck
 from conservcheck import OUProcess, VectorFieldProbe
-from conservcheck.audit import audit, loop_bytes_per_element, loop_chunk_elements, merge
-from conservcheck.cli import app
+from conservcheck.analytic.fields import GaussianMixture, LinearField
+from conservcheck.cli.app import app
+from conservcheck.diagnostics.loop_integral import loop_bytes_per_element, loop_chunk_elements
 from conservcheck.errors import UsageError
-from conservcheck.fields import GaussianMixture, LinearField
-from conservcheck.report import write_atomic
+from conservcheck.files import write_atomic
+from conservcheck.runner.audit import audit
+from conservcheck.runner.merge import merge
 
 TESTS = Path(__file__).resolve().parent
-SCHEMA = json.loads(resources.files("conservcheck").joinpath("schema", "report.schema.json").read_text())
+SCHEMA = conservcheck.report_schema()
 CLI = Path(sys.executable).with_name("conservcheck")
 KAPPA = 0.7
 #: Seconds each model call of :func:`slow_mixture` sleeps in a subprocess (CC_TEST_DELAY), so a kill lands mid-run.
@@ -47,8 +49,9 @@ def _mixture() -> GaussianMixture:
 
 def mixture_probe(device="cpu", dtype=torch.float64, **_) -> VectorFieldProbe:
     """The exact score of a two-component Gaussian mixture in D = 3 (conservative)."""
-    return VectorFieldProbe(_mixture().score, process=OUProcess(), sample_shape=(3,), data_range=(-5.0, 5.0),
-                            device=device, dtype=dtype)
+    return VectorFieldProbe(
+        _mixture().score, process=OUProcess(), sample_shape=(3,), data_range=(-5.0, 5.0), device=device, dtype=dtype
+    )
 
 
 def slow_mixture(device="cpu", dtype=torch.float64, **_) -> VectorFieldProbe:
@@ -61,18 +64,24 @@ def slow_mixture(device="cpu", dtype=torch.float64, **_) -> VectorFieldProbe:
             time.sleep(delay)
         return gm.score(x, t)
 
-    return VectorFieldProbe(fn, process=OUProcess(), sample_shape=(3,), data_range=(-5.0, 5.0), device=device, dtype=dtype)
+    return VectorFieldProbe(
+        fn, process=OUProcess(), sample_shape=(3,), data_range=(-5.0, 5.0), device=device, dtype=dtype
+    )
 
 
 def linear_probe(device="cpu", dtype=torch.float64, **_) -> VectorFieldProbe:
     """s(y, t) = (1 + t)(−I + K) y with K = κ [[0, 1], [−1, 0]]: not conservative, uses its time input."""
-    lin = LinearField(-torch.eye(2, dtype=torch.float64), torch.tensor([[0.0, KAPPA], [-KAPPA, 0.0]], dtype=torch.float64))
-    return VectorFieldProbe(lambda x, t: lin(x) * (1 + t)[:, None], process=OUProcess(), sample_shape=(2,),
-                            device=device, dtype=dtype)
+    lin = LinearField(
+        -torch.eye(2, dtype=torch.float64), torch.tensor([[0.0, KAPPA], [-KAPPA, 0.0]], dtype=torch.float64)
+    )
+    return VectorFieldProbe(
+        lambda x, t: lin(x) * (1 + t)[:, None], process=OUProcess(), sample_shape=(2,), device=device, dtype=dtype
+    )
 
 
 def nan_late_probe(device="cpu", dtype=torch.float64, **_) -> VectorFieldProbe:
     """−x (1 + t) for t ≤ 0.5, NaN after."""
+
     def fn(x, t):
         return torch.where((t > 0.5)[:, None], torch.full_like(x, torch.nan), -x * (1 + t)[:, None])
 
@@ -115,14 +124,25 @@ def files(tmp_path):
     """A D = 2 x0 file (rows 0.1), a D = 3 mixture x0 file, and a cache folder."""
     np.save(tmp_path / "x2.npy", np.full((4, 2), 0.1))
     np.save(tmp_path / "mix.npy", _mixture().sample(4, torch.Generator().manual_seed(0)).numpy())
-    return {"x2": str(tmp_path / "x2.npy"), "mix": str(tmp_path / "mix.npy"), "cache": str(tmp_path / "cache"),
-            "dir": tmp_path}
+    return {
+        "x2": str(tmp_path / "x2.npy"),
+        "mix": str(tmp_path / "mix.npy"),
+        "cache": str(tmp_path / "cache"),
+        "dir": tmp_path,
+    }
 
 
 def _bad(fn, files, **kw):
     """A 2-D probe audited at t = 0.1 (clean side) and t = 1 (noisy side) with loops and the sub-Jacobian."""
-    opts = dict(paths="rotation", curl="subjacobian", times=[0.1, 1.0], n_samples=4, n_points=16, data=files["x2"],
-                cache_dir=files["cache"])
+    opts = dict(
+        paths="rotation",
+        curl="subjacobian",
+        times=[0.1, 1.0],
+        n_samples=4,
+        n_points=16,
+        data=files["x2"],
+        cache_dir=files["cache"],
+    )
     return audit(_probe(fn), **{**opts, **kw})
 
 
@@ -149,15 +169,22 @@ def _no_number_from_nan(rep) -> None:
 def test_nan_everywhere_is_invalid_and_computes_nothing(files):
     rep = _bad(lambda x, t: torch.full_like(x, torch.nan), files)
     assert rep.verdict.status == "invalid"
-    assert rep.verdict.reason.startswith("model output has NaN/Inf at t = 0.001252, 0.1438, 1.164 "
-                                         "(check the weights and the precision; try --precision fp32)")
+    assert rep.verdict.reason.startswith(
+        "model output has NaN/Inf at t = 0.001252, 0.1438, 1.164 "
+        "(check the weights and the precision; try --precision fp32)"
+    )
     st = _status(rep)
     assert [st[("model", "loop.rotation", k)] for k in ("t0.1", "t1")] == ["nonfinite", "nonfinite"]
     assert [st[("model", "curl.subjacobian", k)] for k in ("t0.1", "t1")] == ["error", "error"]
     assert {st[k] for k in st if k[0] == "control"} == {"ok"}  # the floor is still measured
-    assert ("loop.rotation (model) at t=1: NaN/Inf values in 4 of 4 samples (the model's output is not finite there)"
-            in rep.header["problems"])
-    assert "curl.subjacobian (model) at t=0.1: the field is not finite near the Jacobian check points" in rep.header["problems"]
+    assert (
+        "loop.rotation (model) at t=1: NaN/Inf values in 4 of 4 samples (the model's output is not finite there)"
+        in rep.header["problems"]
+    )
+    assert (
+        "curl.subjacobian (model) at t=0.1: the field is not finite near the Jacobian check points"
+        in rep.header["problems"]
+    )
     assert rep.summary()["median"].isna().all() and rep.summary("control")["median"].notna().all()
     assert {c["status"] for c in rep.verdict.checks} == {"invalid"}
     _no_number_from_nan(rep)
@@ -174,16 +201,21 @@ def test_nan_only_at_late_times_is_reported_per_time_point(files):
     # −x(1 + t) is a gradient: the clean-side checks are numbers (and pass), the NaN side is invalid.
     assert checks[("rotation", "t0.1")]["status"] == "pass" and checks[("rotation", "t1")]["status"] == "invalid"
     assert rep.verdict.status == "invalid"
-    assert rep.verdict.reason == ("model output has NaN/Inf at t = 1.164 (check the weights and the precision; "
-                                  "try --precision fp32) (+2 more)")
+    assert rep.verdict.reason == (
+        "model output has NaN/Inf at t = 1.164 (check the weights and the precision; try --precision fp32) (+2 more)"
+    )
     _no_number_from_nan(rep)
 
 
 def test_inf_in_some_samples_empties_the_whole_unit(files):
     """Inf for the samples with x₁ > 0.3 only: the other samples' values are finite, but statistics over a
     subset would be biased by which samples failed, so the unit's statistics are all empty."""
-    rep = _bad(lambda x, t: torch.where(x[:, 1:] > 0.3, torch.full_like(x, torch.inf), _good(x, t)), files,
-               curl="none", times=[1.0])
+    rep = _bad(
+        lambda x, t: torch.where(x[:, 1:] > 0.3, torch.full_like(x, torch.inf), _good(x, t)),
+        files,
+        curl="none",
+        times=[1.0],
+    )
     (unit,) = [u for u in rep.units if u["field"] == "model"]
     assert unit["status"] == "nonfinite" and unit["message"].startswith("NaN/Inf values in ")
     n_bad = int(unit["message"].split()[3])
@@ -197,8 +229,9 @@ def test_inf_in_some_samples_empties_the_whole_unit(files):
 def test_wrong_output_shape(files):
     rep = _bad(lambda x, t: x[:, :1] * t[:, None], files)
     assert rep.verdict.status == "invalid"
-    assert rep.verdict.reason.startswith("model output has shape (4, 1), expected (4, 2) "
-                                         "(the wrapped callable must return one vector per input sample)")
+    assert rep.verdict.reason.startswith(
+        "model output has shape (4, 1), expected (4, 2) (the wrapped callable must return one vector per input sample)"
+    )
     assert {s for (f, _, _), s in _status(rep).items() if f == "model"} == {"error"}
     assert {s for (f, _, _), s in _status(rep).items() if f == "control"} == {"ok"}
     _no_number_from_nan(rep)
@@ -207,8 +240,10 @@ def test_wrong_output_shape(files):
 def test_model_ignoring_its_time_input(files):
     rep = _bad(lambda x, t: -x, files)
     assert rep.verdict.status == "invalid"
-    assert rep.verdict.reason == ("model output does not change with its time input (check that the time convention "
-                                  "feeds the model the time it was trained with)")
+    assert rep.verdict.reason == (
+        "model output does not change with its time input (check that the time convention "
+        "feeds the model the time it was trained with)"
+    )
     assert {s for s in _status(rep).values()} == {"ok"}  # its numbers are still measured and reported
 
 
@@ -222,8 +257,9 @@ def test_model_raising_at_some_times(files, error):
     rep = _bad(fn, files)
     name = type(error).__name__
     assert rep.verdict.status == "invalid"
-    assert rep.verdict.reason == (f"model raised {name} at t = 1.164: boom (run the model on its own at that time "
-                                  "to debug it) (+2 more)")
+    assert rep.verdict.reason == (
+        f"model raised {name} at t = 1.164: boom (run the model on its own at that time to debug it) (+2 more)"
+    )
     st = _status(rep)
     assert st[("model", "loop.rotation", "t0.1")] == "ok" and st[("model", "curl.subjacobian", "t0.1")] == "ok"
     assert st[("model", "loop.rotation", "t1")] == "error"
@@ -238,16 +274,43 @@ def test_model_failing_while_drawing_x0(files):
             raise RuntimeError("boom")
         return _good(x, t)
 
-    rep = audit(_probe(fn), paths="rotation", curl="none", times=[0.1], n_samples=2, n_points=8, sampler_steps=4,
-                cache_dir=files["cache"])
+    rep = audit(
+        _probe(fn),
+        paths="rotation",
+        curl="none",
+        times=[0.1],
+        n_samples=2,
+        n_points=8,
+        sampler_steps=4,
+        cache_dir=files["cache"],
+    )
     assert rep.verdict.status == "invalid" and rep.units == []
-    assert rep.header["data_source"]["error"] == ("sampling x0 from the model failed: RuntimeError: boom "
-                                                  "(pass clean samples with --data)")
+    assert rep.header["data_source"]["error"] == (
+        "sampling x0 from the model failed: RuntimeError: boom (pass clean samples with --data)"
+    )
 
 
 def test_bad_model_on_the_command_line_exits_0_and_gates_fail_closed(files):
-    args = ["audit", "test_reliability:nan_late_probe", "--paths", "rotation", "--curl", "none", "--times", "0.1,1",
-            "--samples", 4, "--points", 16, "--precision", "fp64", "--data", files["x2"], "--cache-dir", files["cache"]]
+    args = [
+        "audit",
+        "test_reliability:nan_late_probe",
+        "--paths",
+        "rotation",
+        "--curl",
+        "none",
+        "--times",
+        "0.1,1",
+        "--samples",
+        4,
+        "--points",
+        16,
+        "--precision",
+        "fp64",
+        "--data",
+        files["x2"],
+        "--cache-dir",
+        files["cache"],
+    ]
     out = files["dir"] / "bad.json"
     r = cc(*args, "--json", out)
     assert r.exit_code == 0, r.output
@@ -276,15 +339,17 @@ def test_out_of_memory_halves_the_batch_and_changes_no_number(files):
     kw = dict(curl="subjacobian", block=2)
     backed_off = _bad(fn, files, batch_size=64, **kw)
     first = seen.index(64)  # the first call through the batcher (the contract check's calls come before)
-    assert seen[first:first + 4] == [64, 32, 16, 8]  # halved until it fits
-    assert max(seen[first + 3:]) == 8  # and kept for the rest of the audit
+    assert seen[first : first + 4] == [64, 32, 16, 8]  # halved until it fits
+    assert max(seen[first + 3 :]) == 8  # and kept for the rest of the audit
     assert _comparable(backed_off) == _comparable(_bad(_good, files, batch_size=8, **kw))
     assert backed_off.verdict.status == "pass"
 
     rep = _bad(lambda x, t: fn(x, t, limit=0) if bool((t > 0.5).any()) else _good(x, t), files, batch_size=4)
     assert _status(rep)[("model", "loop.rotation", "t1")] == "error"
-    assert ("loop.rotation (model) at t=1: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-            in rep.header["problems"])
+    assert (
+        "loop.rotation (model) at t=1: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+        in rep.header["problems"]
+    )
     assert rep.verdict.status == "invalid"
 
 
@@ -303,8 +368,16 @@ def test_memory_budget_bounds_the_loops_held_at_once_and_changes_no_number(files
         return gm.score(x, t)
 
     probe = VectorFieldProbe(fn, process=OUProcess(), sample_shape=(3,), data_range=(-5.0, 5.0), dtype=torch.float64)
-    kw = dict(paths="rotation", curl="none", times=[0.5], n_samples=4, n_points=16, data=files["mix"],
-              cache_dir=files["cache"], batch_size=10**6)
+    kw = dict(
+        paths="rotation",
+        curl="none",
+        times=[0.5],
+        n_samples=4,
+        n_points=16,
+        data=files["mix"],
+        cache_dir=files["cache"],
+        batch_size=10**6,
+    )
     full = audit(probe, **kw)
     assert max(calls) == 4 * 16  # all four 16-node loops in one call
     calls.clear()
@@ -332,7 +405,8 @@ def test_time_budget_skips_units_and_resume_completes_them(files):
     jsonschema.validate(json.loads(json.dumps(part.to_dict(), allow_nan=False)), SCHEMA)
     assert part.verdict.reason.startswith(
         "incomplete: 2 of 4 units not run (time budget exhausted — run again with --resume to finish), "
-        "unmeasured: loop.rotation at t=1; the 1 measured checks are within 10× the numerical floor (largest ")
+        "unmeasured: loop.rotation at t=1; the 1 measured checks are within 10× the numerical floor (largest "
+    )
     assert [c["status"] for c in part.verdict.checks] == ["pass", "skipped"]
     resumed = audit(mixture_probe(), data=files["mix"], resume=str(journal), **kw)
     fresh = audit(mixture_probe(), data=files["mix"], **kw)
@@ -341,30 +415,52 @@ def test_time_budget_skips_units_and_resume_completes_them(files):
     # A violation found before the deadline is reported as one, with what was left unmeasured.
     lin = audit(linear_probe(), data=files["x2"], time_budget=budget, progress=stall, **kw)
     assert lin.verdict.status == "violation"
-    assert lin.verdict.reason.endswith("(1 of 1 checks above 10×); incomplete: 2 of 4 units not run (time budget "
-                                       "exhausted — run again with --resume to finish), unmeasured: loop.rotation at t=1")
+    assert lin.verdict.reason.endswith(
+        "(1 of 1 checks above 10×); incomplete: 2 of 4 units not run (time budget "
+        "exhausted — run again with --resume to finish), unmeasured: loop.rotation at t=1"
+    )
 
 
 def test_a_skipped_control_leaves_its_check_unmeasured(files):
     """The deadline passes between a model unit and its control: without its floor the check is skipped."""
+
     def stall(done, total, text):
         if text.startswith("loop.rotation model t0.1"):
             time.sleep(1.1)
 
-    rep = audit(linear_probe(), paths="rotation", curl="none", times=[0.1], n_samples=4, n_points=16,
-                data=files["x2"], cache_dir=files["cache"], time_budget=1.0, progress=stall)
+    rep = audit(
+        linear_probe(),
+        paths="rotation",
+        curl="none",
+        times=[0.1],
+        n_samples=4,
+        n_points=16,
+        data=files["x2"],
+        cache_dir=files["cache"],
+        time_budget=1.0,
+        progress=stall,
+    )
     assert [u["status"] for u in rep.units] == ["ok", "skipped"] and rep.verdict.checks[0]["status"] == "skipped"
     assert rep.verdict.status == "invalid"
-    assert rep.verdict.reason == ("incomplete: 1 of 2 units not run (time budget exhausted — run again with --resume "
-                                  "to finish), unmeasured: loop.rotation at t=0.1")
+    assert rep.verdict.reason == (
+        "incomplete: 1 of 2 units not run (time budget exhausted — run again with --resume "
+        "to finish), unmeasured: loop.rotation at t=0.1"
+    )
 
 
 # ---------------------------------------------------------------------------------- journals, atomic files
 
 
 def test_torn_last_line_is_tolerated_and_cut_off(files):
-    kw = dict(paths="rotation,brownian", curl="none", times=[0.2, 1.0], n_samples=4, n_points=16, data=files["mix"],
-              cache_dir=files["cache"])
+    kw = dict(
+        paths="rotation,brownian",
+        curl="none",
+        times=[0.2, 1.0],
+        n_samples=4,
+        n_points=16,
+        data=files["mix"],
+        cache_dir=files["cache"],
+    )
     journal = files["dir"] / "torn.jsonl"
     calls = []
 
@@ -385,11 +481,14 @@ def test_torn_last_line_is_tolerated_and_cut_off(files):
 
 
 def test_journal_mistakes_are_usage_errors(files, tmp_path):
-    kw = dict(paths="rotation", curl="none", times=[0.5], n_samples=2, n_points=8, data=files["mix"],
-              cache_dir=files["cache"])
+    kw = dict(
+        paths="rotation", curl="none", times=[0.5], n_samples=2, n_points=8, data=files["mix"], cache_dir=files["cache"]
+    )
     other = tmp_path / "other.txt"
     other.write_text("hello\n")
-    with pytest.raises(UsageError, match=r"other.txt is not a conservcheck partial-results file \(pass the file an audit wrote\)"):
+    with pytest.raises(
+        UsageError, match=r"other.txt is not a conservcheck partial-results file \(pass the file an audit wrote\)"
+    ):
         audit(mixture_probe(), resume=str(other), **kw)
     with pytest.raises(UsageError, match=r"no partial-results file .*nope.jsonl \(pass the file an audit wrote"):
         merge([tmp_path / "nope.jsonl"])
@@ -399,8 +498,16 @@ def test_reports_are_written_atomically(files):
     """A write that fails half-way (here: text that cannot be encoded, after part of it was written)
     leaves the existing report untouched and no temporary file behind."""
     out = files["dir"] / "report.json"
-    rep = audit(mixture_probe(), paths="rotation", curl="none", times=[0.5], n_samples=2, n_points=8,
-                data=files["mix"], cache_dir=files["cache"])
+    rep = audit(
+        mixture_probe(),
+        paths="rotation",
+        curl="none",
+        times=[0.5],
+        n_samples=2,
+        n_points=8,
+        data=files["mix"],
+        cache_dir=files["cache"],
+    )
     rep.to_json(out)
     before = out.read_bytes()
     with pytest.raises(UnicodeEncodeError):
@@ -412,16 +519,35 @@ def test_reports_are_written_atomically(files):
 # ------------------------------------------------------------------------------- interruption (subprocess)
 
 
-ARGS = ["test_reliability:slow_mixture", "--paths", "rotation,brownian", "--curl", "none", "--times", "0.2,0.6,1",
-        "--samples", 4, "--points", 16, "--precision", "fp64"]
+ARGS = [
+    "test_reliability:slow_mixture",
+    "--paths",
+    "rotation,brownian",
+    "--curl",
+    "none",
+    "--times",
+    "0.2,0.6,1",
+    "--samples",
+    4,
+    "--points",
+    16,
+    "--precision",
+    "fp64",
+]
 
 
 def _spawn(files, *extra, delay: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(TESTS), DELAY_ENV: str(delay)}
     cmd = [str(CLI), "audit", *map(str, ARGS), "--data", files["mix"], "--cache-dir", files["cache"], *map(str, extra)]
     # SIGINT at its default, whatever the parent ignores, so Python turns it into KeyboardInterrupt.
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for_units(journal: Path, proc: subprocess.Popen, n: int, timeout: float = 60.0) -> None:
@@ -475,7 +601,8 @@ def test_sigint_exits_130_naming_the_resume_file_then_resume_gives_the_same_repo
     assert proc.returncode == 130
     n_saved = journal.read_text().count("\n") - 1
     assert err.strip().splitlines()[-1] == (
-        f"error: interrupted; {n_saved} finished units are saved — resume with --resume {journal}")
+        f"error: interrupted; {n_saved} finished units are saved — resume with --resume {journal}"
+    )
     resumed = _spawn(files, "--resume", journal, "--json", out)
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
@@ -487,8 +614,17 @@ def test_sigint_exits_130_naming_the_resume_file_then_resume_gives_the_same_repo
 
 
 def _shard_kw(files):
-    return dict(paths="rotation,projection", curl="subjacobian", block=2, times=[0.2, 1.0], n_samples=4, n_points=16,
-                data=files["mix"], cache_dir=files["cache"], precision="fp64")
+    return dict(
+        paths="rotation,projection",
+        curl="subjacobian",
+        block=2,
+        times=[0.2, 1.0],
+        n_samples=4,
+        n_points=16,
+        data=files["mix"],
+        cache_dir=files["cache"],
+        precision="fp64",
+    )
 
 
 def test_shards_merge_to_the_single_run_report(files):
@@ -497,7 +633,7 @@ def test_shards_merge_to_the_single_run_report(files):
     paths = [files["dir"] / f"s{i}.jsonl" for i in range(3)]
     parts = [audit(mixture_probe(), shard=f"{i}/3", resume=str(p), **kw) for i, p in enumerate(paths)]
     # 6 groups (3 diagnostics × 2 times), each a model unit and its control: shard i runs groups i, i + 3.
-    for i, part in enumerate(parts):
+    for part in parts:
         ran = [u for u in part.units if u["status"] != "skipped"]
         assert len(ran) == 4 and part.verdict.status == "invalid" and part.header["complete"] is False
         assert "left to the other shards — combine their files with conservcheck merge" in part.verdict.reason
@@ -510,8 +646,16 @@ def test_shards_merge_to_the_single_run_report(files):
 
 
 def test_merged_report_of_a_bad_model_keeps_its_problems(files):
-    kw = dict(paths="rotation", curl="subjacobian", block=2, times=[0.1, 1.0], n_samples=4, n_points=16,
-              data=files["x2"], cache_dir=files["cache"])
+    kw = dict(
+        paths="rotation",
+        curl="subjacobian",
+        block=2,
+        times=[0.1, 1.0],
+        n_samples=4,
+        n_points=16,
+        data=files["x2"],
+        cache_dir=files["cache"],
+    )
     single = audit(nan_late_probe(), **kw)
     paths = [files["dir"] / f"n{i}.jsonl" for i in range(2)]
     for i, p in enumerate(paths):
@@ -531,10 +675,14 @@ def test_merge_names_the_missing_shard_and_the_fix(files):
     assert str(err.value) == (
         "the files hold 6 of the audit's 12 units; missing 6 (model/loop/projection/t0.2, "
         "control/loop/projection/t0.2, model/loop/rotation/t1, …) of shard 1/2 (rerun that shard with the same "
-        "options and --shard 1/2 --resume <shard 1 file>, then merge again)")
+        "options and --shard 1/2 --resume <shard 1 file>, then merge again)"
+    )
     audit(mixture_probe(), shard="1/2", resume=str(p1), **{**kw, "seed": 1})
-    with pytest.raises(UsageError, match=r"b.jsonl and .*a.jsonl hold partial results of different audits "
-                                         r"\(options.seed: 0 vs 1\)"):
+    with pytest.raises(
+        UsageError,
+        match=r"b.jsonl and .*a.jsonl hold partial results of different audits "
+        r"\(options.seed: 0 vs 1\)",
+    ):
         merge([p0, p1])
 
 
@@ -552,9 +700,28 @@ def test_shards_draw_identical_x0_from_the_model(files, tmp_path):
 
 
 def test_shards_on_the_command_line(files):
-    args = ["audit", "test_reliability:mixture_probe", "--paths", "rotation", "--curl", "subjacobian", "--block", 2,
-            "--times", "0.2,1", "--samples", 4, "--points", 16, "--precision", "fp64", "--data", files["mix"],
-            "--cache-dir", files["cache"]]
+    args = [
+        "audit",
+        "test_reliability:mixture_probe",
+        "--paths",
+        "rotation",
+        "--curl",
+        "subjacobian",
+        "--block",
+        2,
+        "--times",
+        "0.2,1",
+        "--samples",
+        4,
+        "--points",
+        16,
+        "--precision",
+        "fp64",
+        "--data",
+        files["mix"],
+        "--cache-dir",
+        files["cache"],
+    ]
     single, merged = files["dir"] / "single.json", files["dir"] / "merged.json"
     assert cc(*args, "--json", single).exit_code == 0
     r0 = cc(*args, "--shard", "0/2")  # default file: in the cache folder, named after the shard
@@ -567,22 +734,26 @@ def test_shards_on_the_command_line(files):
     missing = cc("merge", p0)
     assert missing.exit_code == 2
     assert missing.stderr.strip().endswith(
-        "of shard 1/2 (rerun that shard with the same options and --shard 1/2 --resume <shard 1 file>, then merge again)")
+        "of shard 1/2 (rerun that shard with the same options and --shard 1/2 --resume <shard 1 "
+        "file>, then merge again)"
+    )
     r = cc("merge", p0, p1, "--json", merged)
     assert r.exit_code == 0, r.output
     assert "verdict: pass" in r.stdout
     assert _without_run(merged) == _without_run(single)
     bad = cc(*args, "--shard", "2/2")
     assert bad.exit_code == 2
-    assert bad.stderr.strip() == ("error: --shard: expected i/n with 0 ≤ i < n, such as 0/4, got '2/2' "
-                                  "(number the shards of an n-way split 0/n … (n-1)/n)")
+    assert bad.stderr.strip() == (
+        "error: --shard: expected i/n with 0 ≤ i < n, such as 0/4, got '2/2' "
+        "(number the shards of an n-way split 0/n … (n-1)/n)"
+    )
 
 
 def test_interrupted_shard_names_its_shard_in_the_resume_command(files):
     def interrupt(done, total, text):
         raise KeyboardInterrupt
 
-    from conservcheck.audit import AuditInterrupted
+    from conservcheck.runner.audit import AuditInterrupted
 
     journal = files["dir"] / "s.jsonl"
     with pytest.raises(AuditInterrupted) as stop:

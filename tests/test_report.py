@@ -4,32 +4,45 @@ from __future__ import annotations
 
 import json
 import math
-from importlib import resources
 
 import jsonschema
 import numpy as np
 import pytest
 import torch
 
-from conservcheck.audit import audit
-from conservcheck.diagnostics.loops import FLOOR_REL
+import conservcheck
+from conservcheck.analytic.fields import GaussianMixture, as_probe
 from conservcheck.errors import UsageError
-from conservcheck.fields import GaussianMixture, as_probe
-from conservcheck.report import BOOTSTRAP_RESAMPLES, FLOOR_FACTOR, AuditReport, compare, summarize, time_label
+from conservcheck.precision import floor_rel
+from conservcheck.report import FLOOR_FACTOR, SCHEMA_VERSION, AuditReport, compare
+from conservcheck.report.summary import BOOTSTRAP_RESAMPLES, summarize, time_label
+from conservcheck.runner.audit import audit
 
-SCHEMA = json.loads(resources.files("conservcheck").joinpath("schema", "report.schema.json").read_text())
+SCHEMA = conservcheck.report_schema()
 
 
 def _unit(values, field="model", diagnostic="loop", variant="rotation", key="t0.5", status="ok", t=0.5):
-    return {"field": field, "diagnostic": diagnostic, "variant": variant, "status": status,
-            "message": None if status == "ok" else "NaN/Inf values", "meta": {"n_evals": 1},
-            "time": {"key": key, "index": None, "t": t, "sigma": math.sqrt(1 - math.exp(-2 * t)), "alpha": math.exp(-t)},
-            "values": values}
+    return {
+        "field": field,
+        "diagnostic": diagnostic,
+        "variant": variant,
+        "status": status,
+        "message": None if status == "ok" else "NaN/Inf values",
+        "meta": {"n_evals": 1},
+        "time": {"key": key, "index": None, "t": t, "sigma": math.sqrt(1 - math.exp(-2 * t)), "alpha": math.exp(-t)},
+        "values": values,
+    }
 
 
 def _header(precision="fp32", seed=0):
-    return {"model": {"name": "synthetic", "precision": precision}, "process": {"name": "ou", "time": "t"},
-            "options": {"seed": seed}, "time_points": [], "problems": [], "complete": True}
+    return {
+        "model": {"name": "synthetic", "precision": precision},
+        "process": {"name": "ou", "time": "t"},
+        "options": {"seed": seed},
+        "time_points": [],
+        "problems": [],
+        "complete": True,
+    }
 
 
 def test_summary_statistics_known_answers():
@@ -63,7 +76,9 @@ def test_unfinished_units_have_no_statistics():
     units = [_unit({"m": [1.0, 2.0]}), _unit({"m": [1.0, float("nan")]}, key="t1", t=1.0, status="nonfinite")]
     s = summarize(units, seed=0)
     bad = s[s["time_key"] == "t1"].iloc[0]
-    assert bad["status"] == "nonfinite" and all(bad[c] is None or np.isnan(bad[c]) for c in ("median", "mean", "ci_low"))
+    assert bad["status"] == "nonfinite" and all(
+        bad[c] is None or np.isnan(bad[c]) for c in ("median", "mean", "ci_low")
+    )
 
 
 @pytest.mark.parametrize(
@@ -77,9 +92,11 @@ def test_unfinished_units_have_no_statistics():
     ],
 )
 def test_verdict_rule(model, control, expected):
-    p = FLOOR_REL["fp32"]  # values in units of the fp32 precision floor
-    units = [_unit({"abs_circulation_ratio": [model * p] * 3}),
-             _unit({"abs_circulation_ratio": [control * p] * 3}, field="control")]
+    p = floor_rel("fp32")  # values in units of the fp32 precision floor
+    units = [
+        _unit({"abs_circulation_ratio": [model * p] * 3}),
+        _unit({"abs_circulation_ratio": [control * p] * 3}, field="control"),
+    ]
     rep = AuditReport.from_units(_header("fp32"), units)
     assert rep.verdict.status == expected
     check = rep.verdict.checks[0]
@@ -110,8 +127,16 @@ def mixture_report(tmp_path_factory):
     x0 = gm.sample(6, torch.Generator().manual_seed(0))
     path = tmp_path_factory.mktemp("data") / "x0.npy"
     np.save(path, x0.numpy())
-    return audit(as_probe(gm, (3,)), paths="rotation,projection", curl="none", n_samples=6, n_points=32,
-                 times=[0.1, 1.0], data=str(path), cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return audit(
+        as_probe(gm, (3,)),
+        paths="rotation,projection",
+        curl="none",
+        n_samples=6,
+        n_points=32,
+        times=[0.1, 1.0],
+        data=str(path),
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
 
 
 def test_json_round_trip_matches_the_schema(mixture_report, tmp_path):
@@ -119,7 +144,7 @@ def test_json_round_trip_matches_the_schema(mixture_report, tmp_path):
     text = mixture_report.to_json(path)
     data = json.loads(text)
     jsonschema.validate(data, SCHEMA)
-    assert data["schema_version"] == "1.0" and data["data_source"]["kind"] == "array"
+    assert data["schema_version"] == SCHEMA_VERSION and data["data_source"]["kind"] == "array"
     back = AuditReport.from_json(path)
     assert back.to_dict() == data
     assert back.to_json(tmp_path / "again.json") == text  # byte for byte
@@ -176,7 +201,7 @@ def test_compare_headline_metrics(mixture_report):
 
 def test_plots_in_both_formats(mixture_report, tmp_path):
     pytest.importorskip("matplotlib")
-    from conservcheck.plots import plot_report
+    from conservcheck.report.plots import plot_report
 
     png = plot_report(mixture_report, tmp_path / "png", "png")
     svg = plot_report(mixture_report, tmp_path / "svg", "svg")

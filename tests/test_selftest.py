@@ -12,14 +12,23 @@ def test_every_known_answer_check_passes_on_the_cpu():
     failed = [(c.name, c.dtype, c.value, c.bound) for c in checks if not c.ok]
     assert not failed
     names = " ".join(c.name for c in checks)
-    for part in ("loop.rotation", "loop.projection", "loop.brownian", "2π bᵀKa", "curl.subjacobian (jvp)",
-                 "curl.hutchinson (double_vjp)", "curl.subjacobian (fd)", "95% CI", "stein"):
+    for part in (
+        "loop.rotation",
+        "loop.projection",
+        "loop.brownian",
+        "2π bᵀKa",
+        "curl.subjacobian (jvp)",
+        "curl.hutchinson (double_vjp)",
+        "curl.subjacobian (fd)",
+        "95% CI",
+        "stein",
+    ):
         assert part in names, part
     assert {c.dtype for c in checks} == {"float64", "float32"}
 
 
 def test_cli_rejects_an_unknown_device_in_one_line(capsys):
-    from conservcheck.cli import main
+    from conservcheck.cli.app import main
 
     with pytest.raises(SystemExit) as stop:
         main(["selftest", "--device", "tpu9"])

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from conservcheck import OUProcess, VEProcess
-from conservcheck.diagnostics.base import TimePoint, forward_samples
+from conservcheck.analytic.fields import GaussianMixture, as_probe
+from conservcheck.analytic.funnel import Funnel
+from conservcheck.analytic.reference_scores import EmpiricalScore, FieldReference, resolve_reference
+from conservcheck.batching import Batcher
 from conservcheck.diagnostics.stein import COLUMNS, stein_diagnostic, stein_summary
-from conservcheck.engine import Batcher
 from conservcheck.errors import UsageError
-from conservcheck.fields import GaussianMixture, as_probe
-from conservcheck.funnel import Funnel
-from conservcheck.reference import EmpiricalScore, FieldReference, resolve_reference
+from conservcheck.timepoints import TimePoint, forward_samples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -38,8 +38,9 @@ def _with_error(ref_score, error):
 
 
 def _run(probe, x0, reference, t=0.3, batch=64, **kw):
-    return stein_diagnostic(probe, x0, TimePoint.from_t(probe.process, t), seed=0, batcher=Batcher(batch),
-                            reference=reference, **kw)
+    return stein_diagnostic(
+        probe, x0, TimePoint.from_t(probe.process, t), seed=0, batcher=Batcher(batch), reference=reference, **kw
+    )
 
 
 def test_zero_error_gives_zeros(mixture):
@@ -66,8 +67,9 @@ def test_gradient_error_matches_its_closed_form():
     c, dim, tp = 0.7, 4, 0.4
     ref = resolve_reference(f"gaussian:std={c}", as_probe(lambda x, t: x, (dim,), OUProcess()))
     omega = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
-    a = torch.tensor([[1.0, 0.2, 0.0, 0.0], [0.2, -0.5, 0.1, 0.0], [0.0, 0.1, 2.0, 0.3], [0.0, 0.0, 0.3, 0.4]],
-                     dtype=torch.float64)
+    a = torch.tensor(
+        [[1.0, 0.2, 0.0, 0.0], [0.2, -0.5, 0.1, 0.0], [0.0, 0.1, 2.0, 0.3], [0.0, 0.0, 0.3, 0.4]], dtype=torch.float64
+    )
     b = torch.tensor([0.5, -1.0, 0.0, 0.25], dtype=torch.float64)
 
     def grad_g(x):
@@ -77,13 +79,18 @@ def test_gradient_error_matches_its_closed_form():
     x0 = ref.sample(400, torch.Generator().manual_seed(1))
     res = _run(probe, x0, ref, t=tp)
     time = TimePoint.from_t(OUProcess(), tp)
-    x, _ = forward_samples(OUProcess(), x0, time, seed=0)
+    x, _ = forward_samples(x0, time, seed=0)
     v = time.alpha**2 * c**2 + time.sigma**2
     e = grad_g(x)
     div = -(omega**2 * torch.sin(omega * x)).sum(1) + torch.trace(a)
     dot = -(x * e).sum(1) / v
-    expected = {"err_norm": e.norm(dim=1), "rel_err_norm": e.norm(dim=1) / (x.norm(dim=1) / v),
-                "div_e": div, "sref_dot_e": dot, "stein": div + dot}
+    expected = {
+        "err_norm": e.norm(dim=1),
+        "rel_err_norm": e.norm(dim=1) / (x.norm(dim=1) / v),
+        "div_e": div,
+        "sref_dot_e": dot,
+        "stein": div + dot,
+    }
     for col, want in expected.items():
         # Exact divergences by forward-mode AD in float64: agreement at rounding level.
         assert torch.allclose(res.values[col], want, rtol=1e-10, atol=1e-10), col

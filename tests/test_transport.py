@@ -10,12 +10,14 @@ import math
 import pytest
 import torch
 
-from conservcheck import DiscreteSchedule, FlowProcess, OUProcess, VEProcess, VectorFieldProbe
-from conservcheck.diagnostics.transport import default_times, integrate, sliced_wasserstein, step_times, transport_check
-from conservcheck.engine import Batcher
+from conservcheck import DiscreteSchedule, FlowProcess, OUProcess, VectorFieldProbe, VEProcess
+from conservcheck.analytic.fields import GaussianMixture, as_probe
+from conservcheck.analytic.reference_scores import EmpiricalScore, FieldReference
+from conservcheck.batching import Batcher
+from conservcheck.diagnostics.transport import integrate, sliced_wasserstein, transport_check
 from conservcheck.errors import ProbeContractError, UsageError
-from conservcheck.fields import GaussianMixture, as_probe
-from conservcheck.reference import EmpiricalScore, FieldReference
+from conservcheck.process import log_snr_grid
+from conservcheck.timepoints import noise_span
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,10 +38,11 @@ def _probe(mixture, matrix=None):
     return as_probe(lambda x, t: mixture.score(x, t) + mixture.score(x, t) @ matrix.T, (2,), OUProcess())
 
 
-@pytest.mark.parametrize("process,t_start,t_end", [(OUProcess(), 5.0, 1e-3), (VEProcess(), 80.0, 0.002),
-                                                   (FlowProcess(), 0.99, 0.01)])
+@pytest.mark.parametrize(
+    "process,t_start,t_end", [(OUProcess(), 5.0, 1e-3), (VEProcess(), 80.0, 0.002), (FlowProcess(), 0.99, 0.01)]
+)
 def test_steps_are_uniform_in_log_noise_to_signal(process, t_start, t_end):
-    ts = step_times(process, t_start, t_end, 25)
+    ts = log_snr_grid(process, t_start, t_end, 25 + 1)
     lam = torch.log(process.sigma(ts) / process.alpha(ts))
     steps = lam[1:] - lam[:-1]
     assert ts[0] == t_start and ts[-1] == t_end
@@ -47,28 +50,34 @@ def test_steps_are_uniform_in_log_noise_to_signal(process, t_start, t_end):
     assert torch.allclose(steps, steps.mean().expand(25), rtol=1e-10, atol=1e-12)
 
 
-def test_default_times():
+def test_noise_span():
     sched = DiscreteSchedule.linear()
     probe = VectorFieldProbe(lambda x, k: x, process=OUProcess(), sample_shape=(2,), time_convention=sched)
-    start, end = default_times(probe)
+    start, end = noise_span(probe)
     assert start == pytest.approx(float(sched.t_grid[-1]), rel=1e-12)
     assert end == pytest.approx(float(sched.t_grid[0]), rel=1e-12)
-    ou = default_times(as_probe(lambda x, t: x, (2,), OUProcess()))
+    ou = noise_span(as_probe(lambda x, t: x, (2,), OUProcess()))
     assert ou[0] == 5.0 and ou[1] == pytest.approx(-0.5 * math.log1p(-1e-6), rel=1e-12)
-    ve = default_times(as_probe(lambda x, t: x, (2,), VEProcess()))  # data range (−1, 1): width 2
+    ve = noise_span(as_probe(lambda x, t: x, (2,), VEProcess()))  # data range (−1, 1): width 2
     assert ve == pytest.approx((100.0, 0.002), rel=1e-12)
 
 
 def test_heun_converges_at_second_order(mixture):
     x = torch.randn(200, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     proc = OUProcess()
-    fine = integrate(mixture.score, proc, x, step_times(proc, 4.0, 0.05, 320))
-    errors = [float((integrate(mixture.score, proc, x, step_times(proc, 4.0, 0.05, n)) - fine).norm(dim=1).max())
-              for n in (20, 40, 80)]
+    fine = integrate(mixture.score, proc, x, log_snr_grid(proc, 4.0, 0.05, 320 + 1))
+    errors = [
+        float((integrate(mixture.score, proc, x, log_snr_grid(proc, 4.0, 0.05, n + 1)) - fine).norm(dim=1).max())
+        for n in (20, 40, 80)
+    ]
     # Halving the step divides a second-order method's error by ~4 (observed 4.9, 4.3); Euler would give 2.
     assert all(3.0 < errors[i] / errors[i + 1] < 6.5 for i in range(2))
-    euler = [float((integrate(mixture.score, proc, x, step_times(proc, 4.0, 0.05, n), "euler") - fine).norm(dim=1).max())
-             for n in (40, 80)]
+    euler = [
+        float(
+            (integrate(mixture.score, proc, x, log_snr_grid(proc, 4.0, 0.05, n + 1), "euler") - fine).norm(dim=1).max()
+        )
+        for n in (40, 80)
+    ]
     assert 1.5 < euler[0] / euler[1] < 2.5
 
 

@@ -26,14 +26,15 @@ import importlib
 import inspect
 import os
 import sys
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
-from ..errors import ConservcheckError, ModelLoadError, UsageError
-from ..parameterization import canonical_name
-from ..probe import ProbeInfo, VectorFieldProbe
-from ..process import DiscreteSchedule, Process, TimeConvention, VPSDETime, get_process
+from conservcheck.errors import ConservcheckError, ModelLoadError, UsageError
+from conservcheck.parameterization import canonical_name
+from conservcheck.probe import ProbeInfo, VectorFieldProbe
+from conservcheck.process import DiscreteSchedule, Process, TimeConvention, VPSDETime, get_process
 
 NAME = "custom"
 
@@ -73,7 +74,9 @@ def load(
 ) -> VectorFieldProbe:
     """The adapter contract's entry point: ``path`` is the ``module:factory`` reference itself."""
     if options:
-        raise UsageError(f"unknown option(s) {', '.join(sorted(options))} for a factory", "pass options to the factory itself")
+        raise UsageError(
+            f"unknown option(s) {', '.join(sorted(options))} for a factory", "pass options to the factory itself"
+        )
     return load_factory(str(path), device=device, dtype=dtype)
 
 
@@ -111,7 +114,9 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
     obj: Any = _import(module_name)
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ModelLoadError(f"module {module_name!r} has no attribute {attr!r}", "name a function defined in that module")
+            raise ModelLoadError(
+                f"module {module_name!r} has no attribute {attr!r}", "name a function defined in that module"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
         raise ModelLoadError(f"{spec} is a {type(obj).__name__}, not a callable factory", _RECIPE)
@@ -162,7 +167,9 @@ def from_declaration(
         raise UsageError(f"unknown key(s) {', '.join(unknown)}{where}", f"accepted: {', '.join(REQUIRED + OPTIONAL)}")
     missing = [k for k in REQUIRED if k not in declaration]
     if missing:
-        raise UsageError(f"missing key(s) {', '.join(missing)}{where}", "declare parameterization, process and sample_shape")
+        raise UsageError(
+            f"missing key(s) {', '.join(missing)}{where}", "declare parameterization, process and sample_shape"
+        )
     proc = declaration["process"]
     process = proc if isinstance(proc, Process) else get_process(str(proc))
     param = canonical_name(str(declaration["parameterization"]))
@@ -196,7 +203,9 @@ def from_declaration(
     )
 
 
-def load_factory(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> VectorFieldProbe:
+def load_factory(
+    spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> VectorFieldProbe:
     """Import ``module``, call ``factory`` and return its probe (see the module docstring)."""
     factory = resolve_factory(spec)
     result = _call(factory, spec, device, dtype)
@@ -205,4 +214,6 @@ def load_factory(spec: str, *, device: torch.device | str = "cpu", dtype: torch.
         return result
     if isinstance(result, tuple) and len(result) == 2 and callable(result[0]) and isinstance(result[1], Mapping):
         return from_declaration(result[0], result[1], device=device, dtype=dtype, reference=spec)
-    raise ModelLoadError(f"factory {spec} returned a {type(result).__name__}, not a VectorFieldProbe or a (model, dict) pair", _RECIPE)
+    raise ModelLoadError(
+        f"factory {spec} returned a {type(result).__name__}, not a VectorFieldProbe or a (model, dict) pair", _RECIPE
+    )

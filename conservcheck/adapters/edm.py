@@ -39,16 +39,18 @@ import math
 import pathlib
 import pickle
 import zipfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import ModelLoadError, UsageError
-from ..probe import ProbeInfo, VectorFieldProbe
-from ..process import TimeConvention, VEProcess
-from . import hash_files, pickle_names, reason, single_file
-from .diffusers_unet import check_options
+from conservcheck.adapters._diffusers import check_options
+from conservcheck.adapters.weights import hash_files, single_file
+from conservcheck.errors import ModelLoadError, UsageError, reason
+from conservcheck.probe import ProbeInfo, VectorFieldProbe
+from conservcheck.process import TimeConvention, VEProcess
+from conservcheck.safe_load import pickle_names
 
 NAME = "edm"
 
@@ -178,7 +180,9 @@ def preconditioning(name: str, **params: Any) -> Preconditioning:
     try:
         return cls(**params)
     except TypeError as err:
-        raise UsageError(f"bad parameters for the {name!r} preconditioning ({err})", "see conservcheck.adapters.edm") from None
+        raise UsageError(
+            f"bad parameters for the {name!r} preconditioning ({err})", "see conservcheck.adapters.edm"
+        ) from None
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -336,7 +340,9 @@ def load(
     path = pathlib.Path(path)
     file = network_file(path)
     if file is None:
-        raise ModelLoadError(f"{path} is not an EDM network pickle", "pass a network-snapshot-*.pkl written by NVlabs/edm")
+        raise ModelLoadError(
+            f"{path} is not an EDM network pickle", "pass a network-snapshot-*.pkl written by NVlabs/edm"
+        )
     if not trust_remote_code:
         raise ModelLoadError(
             f"{file.name} is a pickled network: loading it runs code from the file",
@@ -378,8 +384,12 @@ def load(
             "internal_dtype": "float32 (EDM's preconditioners cast their inputs)",
             "weights_files": per_file,
             "weights_format": "pickle",
-            "weights_loader": "pickle.load (runs code)" if not zipfile.is_zipfile(file) else "torch.load(weights_only=False)",
+            "weights_loader": "pickle.load (runs code)"
+            if not zipfile.is_zipfile(file)
+            else "torch.load(weights_only=False)",
             "autodiff": "attention is a legacy torch.autograd.Function: no forward-mode AD, no torch.func transforms",
         },
     )
-    return wrap(net, sample_shape=shape, device=device, dtype=dtype, precision=options.get("precision") or "fp32", info=info)
+    return wrap(
+        net, sample_shape=shape, device=device, dtype=dtype, precision=options.get("precision") or "fp32", info=info
+    )

@@ -5,10 +5,10 @@
   (``examples/train_digits.py``). Saved as a diffusers ``DDPMPipeline`` folder and loaded through the
   diffusers adapter (:mod:`conservcheck.adapters.diffusers_unet`), so its units are those of any DDPM:
   OU process observed at t_k = −½ log ᾱ_k, s = −ε̂/√(1 − ᾱ_k).
-* ``funnel`` — an MLP ε-predictor (:class:`~conservcheck.adapters.funnel_net.FunnelNet`) trained by
+* ``funnel`` — an MLP ε-predictor (:class:`~conservcheck.networks.funnel_mlp.FunnelNet`) trained by
   denoising score matching on Neal's funnel in 10 dimensions (v ~ N(0, 3²), x_i | v ~ N(0, e^v), i = 1…9)
   under the OU process, fed canonical OU time (``examples/train_funnel.py``). Its exact score is known
-  (:class:`conservcheck.funnel.Funnel`, returned by :func:`reference_field`), so error norms and Stein
+  (:class:`conservcheck.analytic.funnel.Funnel`, returned by :func:`reference_field`), so error norms and Stein
   values can be computed against the truth. Its ``data_range`` is nominal: funnel samples are unbounded.
 
 The weights live in ``conservcheck/assets/<folder>`` and are found with :mod:`importlib.resources`, so
@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError, UsageError
-from ..probe import ProbeInfo, VectorFieldProbe
-from ..process import OUProcess, TimeConvention
-from . import hash_files
+from conservcheck.adapters.weights import hash_files
+from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.probe import ProbeInfo, VectorFieldProbe
+from conservcheck.process import OUProcess, TimeConvention
 
 NAME = "embedded"
 PREFIX = "embedded:"
@@ -53,7 +53,7 @@ def detect(path: pathlib.Path) -> bool:
 
 def _name(name: str | pathlib.Path) -> str:
     key = str(name).strip()
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    key = key[len(PREFIX) :] if key.startswith(PREFIX) else key
     if key not in MODELS:
         raise ModelLoadError(f"no embedded model named {key!r}", f"use one of {', '.join(available())}")
     return key
@@ -74,12 +74,12 @@ def asset_folder(name: str) -> pathlib.Path:
 def reference_field(name: str) -> Any:
     """The exact field an embedded model was trained to match, or None when unknown.
 
-    ``funnel`` → :class:`conservcheck.funnel.Funnel` (n = 9, scale 3, OU process), whose ``score``,
+    ``funnel`` → :class:`conservcheck.analytic.funnel.Funnel` (n = 9, scale 3, OU process), whose ``score``,
     ``log_prob`` and ``divergence`` are exact; ``digits`` → None.
     """
     if _name(name) != "funnel":
         return None
-    from ..funnel import Funnel
+    from conservcheck.analytic.funnel import Funnel
 
     data = _funnel_config(asset_folder("funnel"))["data"]
     return Funnel(n=int(data["n"]), scale=float(data["scale"]), process=OUProcess())
@@ -93,7 +93,7 @@ def _funnel_config(folder: pathlib.Path) -> dict[str, Any]:
 
 
 def _load_digits(device: torch.device | str, dtype: torch.dtype, options: dict[str, Any]) -> VectorFieldProbe:
-    from . import diffusers_unet
+    from conservcheck.adapters import diffusers_unet
 
     folder = asset_folder("digits")
     probe = diffusers_unet.load(folder, device=device, dtype=dtype, **options)
@@ -104,7 +104,7 @@ def _load_digits(device: torch.device | str, dtype: torch.dtype, options: dict[s
 def _load_funnel(device: torch.device | str, dtype: torch.dtype, options: dict[str, Any]) -> VectorFieldProbe:
     from safetensors.torch import load_file
 
-    from .funnel_net import FunnelNet, FunnelNetConfig
+    from conservcheck.networks.funnel_mlp import FunnelNet, FunnelNetConfig
 
     folder = asset_folder("funnel")
     config = _funnel_config(folder)

@@ -23,15 +23,16 @@ Two sources:
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import ModelLoadError, UsageError
-from ..probe import ProbeInfo, VectorFieldProbe
-from ..process import FlowProcess, TimeConvention
-from .diffusers_unet import UNetField, check_options, layout, load_unet, read_json, sample_shape
+from conservcheck.adapters._diffusers import UNetField, check_options, layout, load_unet, read_json, sample_shape
+from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.probe import ProbeInfo, VectorFieldProbe
+from conservcheck.process import FlowProcess, TimeConvention
 
 NAME = "flow"
 
@@ -121,7 +122,9 @@ def scheduler_time_scale(config: dict[str, Any], source: str = "the scheduler co
     """
     name = str(config.get("_class_name"))
     if name not in FLOW_SCHEDULERS:
-        raise ModelLoadError(f"unsupported flow scheduler {name!r} in {source}", f"supported: {', '.join(FLOW_SCHEDULERS)}")
+        raise ModelLoadError(
+            f"unsupported flow scheduler {name!r} in {source}", f"supported: {', '.join(FLOW_SCHEDULERS)}"
+        )
     if config.get("invert_sigmas"):
         raise ModelLoadError(
             f"{source} sets invert_sigmas: the network's time runs the other way",
@@ -162,10 +165,13 @@ def load(
         )
     sched = read_json(lay.scheduler_config)
     if sched is None:
-        raise ModelLoadError(f"{lay.scheduler_config} is not a JSON object", "re-save the scheduler with save_pretrained")
+        raise ModelLoadError(
+            f"{lay.scheduler_config} is not a JSON object", "re-save the scheduler with save_pretrained"
+        )
     scale = scheduler_time_scale(sched, str(lay.scheduler_config))
-    loaded = load_unet(lay, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                       variant=options.get("variant"))
+    loaded = load_unet(
+        lay, device=device, dtype=dtype, trust_remote_code=trust_remote_code, variant=options.get("variant")
+    )
     info = ProbeInfo(
         name=path.name,
         adapter=NAME,
@@ -182,7 +188,12 @@ def load(
         },
     )
     return wrap(
-        UNetField(loaded.unet), sample_shape=sample_shape(loaded.unet.config), time_scale=scale,
+        UNetField(loaded.unet),
+        sample_shape=sample_shape(loaded.unet.config),
+        time_scale=scale,
         data_range=loaded.data_range,
-        device=device, dtype=dtype, precision=options.get("precision"), info=info,
+        device=device,
+        dtype=dtype,
+        precision=options.get("precision"),
+        info=info,
     )

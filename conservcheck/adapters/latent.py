@@ -22,10 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ModelLoadError, UsageError
-from ..probe import ProbeInfo, VectorFieldProbe
-from . import hash_files
-from .diffusers_unet import (
+from conservcheck.adapters._diffusers import (
     UNetField,
     check_options,
     check_unconditional,
@@ -35,6 +32,9 @@ from .diffusers_unet import (
     sample_shape,
     scheduler_units,
 )
+from conservcheck.adapters.weights import hash_files
+from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.probe import ProbeInfo, VectorFieldProbe
 
 NAME = "latent"
 
@@ -66,8 +66,16 @@ class LatentProbe(VectorFieldProbe):
     reconstruction error. Both run without gradients, ``batch_size`` images at a time.
     """
 
-    def __init__(self, fn: Any, *, autoencoder: torch.nn.Module, kind: str, scaling_factor: float,
-                 shift_factor: float | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        fn: Any,
+        *,
+        autoencoder: torch.nn.Module,
+        kind: str,
+        scaling_factor: float,
+        shift_factor: float | None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(fn, **kwargs)
         self.autoencoder = autoencoder
         self.kind = kind
@@ -128,17 +136,24 @@ def load(
     path = pathlib.Path(path)
     ae_dir = _autoencoder_dir(path)
     if not detect(path) or ae_dir is None:
-        raise ModelLoadError(f"{path} is not a latent diffusion pipeline folder", "expected model_index.json, unet/, scheduler/ and vae/ or vqvae/")
+        raise ModelLoadError(
+            f"{path} is not a latent diffusion pipeline folder",
+            "expected model_index.json, unet/, scheduler/ and vae/ or vqvae/",
+        )
     sched_file = path / "scheduler" / "scheduler_config.json"
     sched_cfg = read_json(sched_file)
     if sched_cfg is None:
-        raise ModelLoadError(f"{sched_file} is missing or not a JSON object", "re-save the scheduler with save_pretrained")
+        raise ModelLoadError(
+            f"{sched_file} is missing or not a JSON object", "re-save the scheduler with save_pretrained"
+        )
     units = scheduler_units(sched_cfg, str(sched_file))
     check_unconditional(path / "unet")
     ae_cls_name = AUTOENCODERS[ae_dir.name]
     found = (read_json(ae_dir / "config.json") or {}).get("_class_name")
     if found != ae_cls_name:
-        raise ModelLoadError(f"{ae_dir} holds a {found!r}, expected {ae_cls_name}", "re-save the autoencoder with save_pretrained")
+        raise ModelLoadError(
+            f"{ae_dir} holds a {found!r}, expected {ae_cls_name}", "re-save the autoencoder with save_pretrained"
+        )
 
     variant = options.get("variant")
     unet, unet_w, loader = load_component(

@@ -2,7 +2,7 @@
 
 A score s = ∇ₓ log p_t is a gradient, so its Jacobian J_ij = ∂s_i/∂x_j is the Hessian of log p_t and
 ∂_j s_i − ∂_i s_j = 0 for all i, j (Eq. 5). Two estimators at the forward samples
-x_t = α x0 + σ ε of :func:`~conservcheck.diagnostics.base.forward_samples` (the points the loop and
+x_t = α x0 + σ ε of :func:`~conservcheck.timepoints.forward_samples` (the points the loop and
 Stein diagnostics see):
 
 * :func:`curl_subjacobian` — the paper's: per sample a random index set S (|S| = ``block``, 64 in the
@@ -30,15 +30,18 @@ probes from (seed, "curl_probe", time.key, b, p) — independent of the batch si
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import rng
-from ..engine import Batcher
-from ..errors import UsageError
-from ..jacobian import (
+from conservcheck import rng, settings
+from conservcheck.batching import Batcher
+from conservcheck.diagnostics import Diagnostic, Figure, Variant
+from conservcheck.diagnostics.result import DiagnosticResult
+from conservcheck.errors import UsageError
+from conservcheck.geometry.jacobian import (
     PRODUCT_COST,
     STRATEGIES,
     StrategyChoice,
@@ -49,8 +52,9 @@ from ..jacobian import (
     select_strategy,
     vjp,
 )
-from ..probe import VectorFieldProbe
-from .base import DiagnosticResult, TimePoint, forward_samples
+from conservcheck.probe import VectorFieldProbe
+from conservcheck.settings import Option
+from conservcheck.timepoints import TimePoint, forward_samples
 
 Z95 = 1.959963984540054
 BLOCK_STREAM = "curl_block"
@@ -58,8 +62,14 @@ PROBE_STREAM = "curl_probe"
 CONVENTION = "J_ij = ds_i/dx_j; C = J_SS - J_SS^T, C_ij = d_j s_i - d_i s_j"
 SUBJACOBIAN_COLUMNS = ("curl_mean_abs", "sym_mean_abs", "curl_rel_fro")
 HUTCHINSON_COLUMNS = (
-    "asym_fro2", "asym_fro2_se", "jac_fro2", "jac_fro2_se",
-    "rel_asym", "rel_asym_se", "rel_asym_ci_low", "rel_asym_ci_high",
+    "asym_fro2",
+    "asym_fro2_se",
+    "jac_fro2",
+    "jac_fro2_se",
+    "rel_asym",
+    "rel_asym_se",
+    "rel_asym_ci_low",
+    "rel_asym_ci_high",
 )
 
 
@@ -77,7 +87,7 @@ def _check(probe: VectorFieldProbe, x0: Tensor, strategy: str, start: int) -> No
 
 def _forward(probe: VectorFieldProbe, x0: Tensor, time: TimePoint, seed: int, start: int) -> Tensor:
     """x_t in float64 (as the loop diagnostic builds it), then in the probe's dtype on its device."""
-    x_t, _ = forward_samples(probe.process, x0.to(device=probe.device, dtype=torch.float64), time, seed, start)
+    x_t, _ = forward_samples(x0.to(device=probe.device, dtype=torch.float64), time, seed, start)
     return x_t.to(probe.dtype)
 
 
@@ -349,14 +359,25 @@ def curl_hutchinson(
     """
     _check(probe, x0, strategy, start)
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 3:
-        raise UsageError(f"n_probes must be an integer ≥ 3 (the jackknife needs it), got {n_probes!r}",
-                         "use e.g. 16 probes per sample")
+        raise UsageError(
+            f"n_probes must be an integer ≥ 3 (the jackknife needs it), got {n_probes!r}",
+            "use e.g. 16 probes per sample",
+        )
     x_t = _forward(probe, x0, time, seed, start)
     t = torch.tensor(time.t, dtype=torch.float64)
     choice = _choose(probe, x_t, t, strategy)
     index = list(range(start, start + x0.shape[0]))
-    estimates = hutchinson_estimates(probe, x_t, t, seed=seed, time_key=time.key, index=index,
-                                     n_probes=n_probes, strategy=choice.name, batcher=batcher)
+    estimates = hutchinson_estimates(
+        probe,
+        x_t,
+        t,
+        seed=seed,
+        time_key=time.key,
+        index=index,
+        n_probes=n_probes,
+        strategy=choice.name,
+        batcher=batcher,
+    )
     fd = choice.name == "fd"
     per_probe = PRODUCT_COST["fd"]["jvp"] if fd else PRODUCT_COST[choice.name]["pair"]
     meta: dict[str, Any] = {
@@ -370,8 +391,62 @@ def curl_hutchinson(
     return DiagnosticResult("curl", "hutchinson", time, jackknife_summary(*estimates), meta)
 
 
+# --------------------------------------------------------------------------------------------- registry
+
+CURL_CHOICES = ("none", "subjacobian", "hutchinson", "both")
+
+
+def _plan(opts: Mapping[str, Any], probe: VectorFieldProbe) -> list[Variant]:
+    n, which = opts["n_samples"], opts["curl"]
+    out: list[Variant] = []
+    if which in ("subjacobian", "both"):
+        block = min(opts["block"], probe.dim)
+        out.append(Variant("subjacobian", curl_subjacobian, {"block": block}, 2 * n * block))
+    if which in ("hutchinson", "both"):
+        out.append(Variant("hutchinson", curl_hutchinson, {"n_probes": opts["n_probes"]}, 3 * n * opts["n_probes"]))
+    return out
+
+
+DIAGNOSTIC = Diagnostic(
+    name="curl",
+    summary="∂ᵢsⱼ − ∂ⱼsᵢ (Eq. 5): the paper's random sub-Jacobian and a Hutchinson estimate over all of J",
+    options=(
+        Option(
+            "curl",
+            "subjacobian",
+            "--curl",
+            "Differential constraint (Eq. 5): the paper's 64×64 sub-Jacobian, the full-Jacobian Hutchinson "
+            "estimate, both, or none.",
+            settings.choice("--curl", CURL_CHOICES),
+            "|".join(CURL_CHOICES),
+            schema={"enum": list(CURL_CHOICES)},
+        ),
+        Option(
+            "block",
+            64,
+            "--block",
+            "Size of the random sub-Jacobian block (paper: 64).",
+            settings.integer("--block", 2),
+            "N",
+            schema={"type": "integer"},
+        ),
+    ),
+    plan=_plan,
+    selected=lambda opts: opts["curl"] != "none",
+    headline={"subjacobian": "curl_rel_fro", "hutchinson": "rel_asym"},
+    table={"subjacobian": ("curl_rel_fro", "curl_mean_abs"), "hutchinson": ("rel_asym", "asym_fro2")},
+    figures=(
+        Figure("curl_mean_abs", "mean |∂ᵢsⱼ − ∂ⱼsᵢ|  (64×64 block)"),
+        Figure("curl_rel_fro", "‖B − Bᵀ‖_F relative"),
+        Figure("rel_asym", "‖J − Jᵀ‖_F / (2‖J‖_F)"),
+    ),
+)
+
+
 __all__ = [
     "BLOCK_STREAM",
+    "CURL_CHOICES",
+    "DIAGNOSTIC",
     "CONVENTION",
     "HUTCHINSON_COLUMNS",
     "PROBE_STREAM",

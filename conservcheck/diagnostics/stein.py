@@ -34,18 +34,30 @@ exactly 0 when e ≡ 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from statistics import NormalDist
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..engine import Batcher
-from ..errors import UsageError
-from ..jacobian import PRODUCT_COST, STRATEGIES, divergence_exact, divergence_hutchinson, rel_step_for, select_strategy
-from ..probe import VectorFieldProbe
-from ..reference import Reference, resolve_reference
-from .base import DiagnosticResult, TimePoint, forward_samples
+from conservcheck import settings
+from conservcheck.analytic.reference_scores import Reference, resolve_reference
+from conservcheck.batching import Batcher
+from conservcheck.diagnostics import ANY, Diagnostic, Figure, Variant
+from conservcheck.diagnostics.result import DiagnosticResult
+from conservcheck.errors import UsageError
+from conservcheck.geometry.jacobian import (
+    PRODUCT_COST,
+    STRATEGIES,
+    divergence_exact,
+    divergence_hutchinson,
+    rel_step_for,
+    select_strategy,
+)
+from conservcheck.probe import VectorFieldProbe
+from conservcheck.settings import Option
+from conservcheck.timepoints import TimePoint, forward_samples
 
 EXACT_MAX_DIM = 64
 DIVERGENCE_MODES = ("auto", "exact", "hutchinson")
@@ -88,7 +100,7 @@ def stein_diagnostic(
         divergence: ``auto`` (exact when D ≤ ``exact_max_dim``), ``exact`` or ``hutchinson``.
         n_probes: Rademacher probes per sample for Hutchinson divergences.
         strategy: Jacobian-product strategy (``jvp``, ``double_vjp``, ``fd``) or ``auto``: chosen by
-            :func:`conservcheck.jacobian.select_strategy` on the field whose divergence is taken.
+            :func:`conservcheck.geometry.jacobian.select_strategy` on the field whose divergence is taken.
     Returns:
         DiagnosticResult("stein", <reference kind>) with the module docstring's columns ([B] float64
         CPU) and meta: n_evals, strategy (and the strategy check's entries), divergence,
@@ -100,7 +112,7 @@ def stein_diagnostic(
     mode = divergence_mode(divergence, probe.dim, exact_max_dim)
     b = x0.shape[0]
     x0 = x0.to(device=probe.device, dtype=probe.dtype)
-    x_t, _ = forward_samples(probe.process, x0, time, seed, start)
+    x_t, _ = forward_samples(x0, time, seed, start)
     t_all = torch.full((b,), time.t, dtype=torch.float64, device=probe.device)
     index = torch.arange(start, start + b, device=probe.device)
 
@@ -139,8 +151,9 @@ def stein_diagnostic(
             div_e, se = div_ref - div_theta, torch.zeros_like(err)
         else:
             keys = [("stein", time.key, int(i)) for i in idx]
-            div_e, se = divergence_hutchinson(error_field, x, t, n_probes=int(n_probes), seed=seed, keys=keys,
-                                              strategy=name, rel_step=rel_step)
+            div_e, se = divergence_hutchinson(
+                error_field, x, t, n_probes=int(n_probes), seed=seed, keys=keys, strategy=name, rel_step=rel_step
+            )
         return torch.stack([err, err / s_ref.norm(dim=1), div_e, dot, div_e + dot, se], dim=1)
 
     table = batcher.map(chunk, x_t, t_all, index).to("cpu", torch.float64)
@@ -191,6 +204,41 @@ def stein_summary(result: DiagnosticResult, level: float = 0.95) -> dict[str, fl
         "err_norm_mean": float(v["err_norm"].mean()),
         "rel_err_norm_mean": float(v["rel_err_norm"].mean()),
     }
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def _plan(opts: Mapping[str, Any], probe: VectorFieldProbe) -> list[Variant]:
+    if not opts["stein"]:
+        return []
+    ref = resolve_reference(opts["stein"], probe)
+    # The variant is the reference's kind (funnel, gaussian, mixture, data, …): a name without the dots of
+    # a file path, so gate expressions can address it.
+    variant = ref.name.split(":")[0].replace(".", "_") or "reference"
+    kwargs = {"reference": ref, "n_probes": opts["n_probes"]}
+    return [Variant(variant, stein_diagnostic, kwargs, 3 * opts["n_samples"] * opts["n_probes"], controlled=False)]
+
+
+DIAGNOSTIC = Diagnostic(
+    name="stein",
+    summary="the error field e = s_ref − s_θ and its Stein operator ∇·e + s_refᵀe (Eq. 20–21)",
+    options=(
+        Option(
+            "stein",
+            None,
+            "--stein",
+            "Reference score for the Stein diagnostic (Eq. 20–21); off when unset.",
+            settings.optional_text,
+            "REF",
+            schema={"type": ["string", "null"]},
+        ),
+    ),
+    plan=_plan,
+    selected=lambda opts: bool(opts["stein"]),
+    table={ANY: ("stein", "rel_err_norm")},
+    figures=(Figure("err_norm", "‖s_ref − s_θ‖"), Figure("stein", "∇·e + s_refᵀe  (Eq. 20)", log=False)),
+)
 
 
 __all__ = ["COLUMNS", "EXACT_MAX_DIM", "divergence_mode", "stein_diagnostic", "stein_summary"]

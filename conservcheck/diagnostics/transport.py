@@ -24,27 +24,27 @@ ratio, from t_start to t_end. dx/dt is :meth:`Process.pf_ode_velocity` (−x −
 time runs backwards, so every step has dt < 0. Starting points: x(t_start) = α x0 + σ ε with x0 drawn
 from the reference's data (exact p_{t_start}) when it can sample, else α·(data-range centre) + σ ε; ε
 and x0 of sample i come from streams (seed, "transport", …, i), so nothing depends on batch size.
-Default times: a discrete schedule's first and last grid times; otherwise those of
-:mod:`conservcheck.sampling` (OU time 5, flow time 0.999, σ = 50 data-range widths for VE) down to
-σ = 10⁻³ (× the width for VE).
+Default times: :func:`conservcheck.timepoints.noise_span` (a discrete schedule's first and last grid
+times; otherwise OU time 5, flow time 0.999 or σ = 50 data-range widths for VE, down to σ = 10⁻³).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import rng
-from ..engine import Batcher
-from ..errors import ProbeContractError, UsageError
-from ..probe import VectorFieldProbe
-from ..process import Process
-from ..reference import Reference, resolve_reference
-from ..sampling import END_SIGMA_REL, START_FLOW_T, START_OU_T, START_SIGMA_REL
+from conservcheck import rng
+from conservcheck.analytic.reference_scores import Reference, resolve_reference
+from conservcheck.batching import Batcher
+from conservcheck.errors import ProbeContractError, UsageError
+from conservcheck.probe import VectorFieldProbe
+from conservcheck.process import Process, log_snr_grid
+from conservcheck.timepoints import noise_span
 
 SOLVERS = {"heun": 2, "euler": 1}
 N_PROJECTIONS = 256
@@ -84,45 +84,6 @@ class TransportResult:
         out = {k: v for k, v in self.__dict__.items() if k not in ("x_model", "x_reference")}
         out["loglik_gap"] = self.loglik_gap
         return out
-
-
-def _log_nsr(process: Process, t: Tensor) -> Tensor:
-    return torch.log(process.sigma(t) / process.alpha(t))
-
-
-def step_times(process: Process, t_start: float, t_end: float, n_steps: int) -> Tensor:
-    """n_steps + 1 canonical times from t_start down to t_end, uniform in λ = log(σ/α) ([n_steps + 1] float64).
-
-    λ increases with t for every Gaussian process here, so each λ is inverted by bisection.
-    """
-    lo = torch.full((n_steps + 1,), float(t_end), dtype=torch.float64)
-    hi = torch.full((n_steps + 1,), float(t_start), dtype=torch.float64)
-    ends = _log_nsr(process, torch.tensor([t_start, t_end], dtype=torch.float64))
-    target = torch.linspace(float(ends[0]), float(ends[1]), n_steps + 1, dtype=torch.float64)
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        above = _log_nsr(process, mid) > target
-        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
-    ts = 0.5 * (lo + hi)
-    ts[0], ts[-1] = float(t_start), float(t_end)
-    return ts
-
-
-def default_times(probe: VectorFieldProbe) -> tuple[float, float]:
-    """(t_start, t_end) for a probe: its discrete grid's ends, else the sampler's noisy start and σ = 10⁻³."""
-    conv, proc = probe.time_convention, probe.process
-    if conv.discrete:
-        grid = conv.to_canonical(torch.tensor([conv.num_steps - 1, 0], dtype=torch.float64))
-        return float(grid[0]), float(grid[1])
-    width = probe.data_range[1] - probe.data_range[0]
-    if proc.name == "ve":
-        start = START_SIGMA_REL["ve"] * width
-    elif proc.name == "flow":
-        start = START_FLOW_T
-    else:
-        start = START_OU_T
-    end = float(proc.t_from_sigma(torch.tensor(END_SIGMA_REL * (width if proc.name == "ve" else 1.0), dtype=torch.float64)))
-    return float(start), end
 
 
 def integrate(
@@ -186,7 +147,7 @@ def transport_check(
         n_samples: trajectories per field.
         seed: seed of every random draw.
         t_start, t_end: canonical start (noisy) and end (clean) times, t_start > t_end; defaults from
-            :func:`default_times`.
+            :func:`~conservcheck.timepoints.noise_span`.
         n_steps: solver steps, uniform in log(σ/α).
         solver: ``heun`` (default) or ``euler``.
         n_projections: random directions of the sliced Wasserstein distance.
@@ -198,13 +159,13 @@ def transport_check(
         raise UsageError(f"unknown solver {solver!r}", f"use one of {', '.join(SOLVERS)}")
     ref = resolve_reference(reference, probe)
     proc = probe.process
-    d_start, d_end = default_times(probe)
+    d_start, d_end = noise_span(probe)
     t_start = d_start if t_start is None else float(t_start)
     t_end = d_end if t_end is None else float(t_end)
     if not t_start > t_end:
         raise UsageError(f"t_start {t_start:g} must be later than t_end {t_end:g}", "integrate from noise to data")
     proc.check_times(torch.tensor([t_start, t_end], dtype=torch.float64))
-    ts = step_times(proc, t_start, t_end, int(n_steps))
+    ts = log_snr_grid(proc, t_start, t_end, int(n_steps) + 1)
     n = int(n_samples)
     x_init = _start_points(ref, probe, ts[0], n, seed)
     batcher = batcher if batcher is not None else Batcher("auto", probe)
@@ -238,15 +199,24 @@ def transport_check(
             for xs in (x_model, x_ref)
         )
     return TransportResult(
-        reference=ref.name, n_samples=n, n_steps=int(n_steps), solver=solver, t_start=t_start, t_end=t_end,
+        reference=ref.name,
+        n_samples=n,
+        n_steps=int(n_steps),
+        solver=solver,
+        t_start=t_start,
+        t_end=t_end,
         sliced_wasserstein=sliced_wasserstein(x_model, x_ref, int(n_projections), seed),
-        sliced_wasserstein_floor=floor, n_projections=int(n_projections),
+        sliced_wasserstein_floor=floor,
+        n_projections=int(n_projections),
         paired_distance=float(diff.norm(dim=1).mean()),
         paired_distance_per_dim=math.sqrt(float((diff**2).mean())),
-        loglik_model=ll_model[0], loglik_model_se=ll_model[1],
-        loglik_reference=ll_ref[0], loglik_reference_se=ll_ref[1],
+        loglik_model=ll_model[0],
+        loglik_model_se=ll_model[1],
+        loglik_reference=ll_ref[0],
+        loglik_reference_se=ll_ref[1],
         n_evals=n * int(n_steps) * SOLVERS[solver],
-        x_model=x_model, x_reference=x_ref,
+        x_model=x_model,
+        x_reference=x_ref,
     )
 
 
@@ -263,13 +233,15 @@ def _start_points(
     shape = probe.sample_shape
     eps = torch.stack([rng.normal(shape, seed, "transport", stream, "eps", i, dtype=torch.float64) for i in range(n)])
     if ref.has_sampler:
-        x0 = torch.cat([
-            ref.sample(1, rng.generator(seed, "transport", stream, "x0", i)).reshape(1, *shape).cpu() for i in range(n)
-        ]).to(torch.float64)
+        x0 = torch.cat(
+            [
+                ref.sample(1, rng.generator(seed, "transport", stream, "x0", i)).reshape(1, *shape).cpu()
+                for i in range(n)
+            ]
+        ).to(torch.float64)
     else:
         x0 = torch.full((n, *shape), 0.5 * sum(probe.data_range), dtype=torch.float64)
     return (alpha * x0 + sigma * eps).to(probe.device)
 
 
-__all__ = ["SOLVERS", "TransportResult", "default_times", "integrate", "sliced_wasserstein", "step_times",
-           "transport_check"]
+__all__ = ["SOLVERS", "TransportResult", "integrate", "sliced_wasserstein", "transport_check"]

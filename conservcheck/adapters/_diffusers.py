@@ -1,0 +1,411 @@
+"""What the diffusers-based adapters share: folder layouts, scheduler → units, loading and preparing a UNet.
+
+Used by the ``diffusers``, ``latent``, ``flow``, ``score_sde`` and ``embedded`` adapters; not an adapter
+itself. Importing it imports diffusers lazily (inside the functions that need it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from conservcheck.adapters.weights import WeightsFiles, check_safetensors, find_weights, hash_files
+from conservcheck.errors import ModelLoadError, UsageError, error_chain, reason
+from conservcheck.process import DiscreteSchedule, OUProcess, Process, TimeConvention, VEProcess
+from conservcheck.safe_load import DAMAGED_HINT, TRUST_HINT, unsafe_global
+
+DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
+VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
+SUPPORTED_SCHEDULERS = DDPM_SCHEDULERS + VE_SCHEDULERS
+
+PARAMETERIZATION = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
+CONVERSION = {
+    "epsilon": "s = -eps_hat / sqrt(1 - alpha_bar_k)",
+    "x0": "s = (sqrt(alpha_bar_k) x0_hat - x) / (1 - alpha_bar_k)",
+    "v": "s = -x - sqrt(alpha_bar_k / (1 - alpha_bar_k)) v_hat",
+}
+OPTIONS = ("precision", "variant")
+
+
+def read_json(path: pathlib.Path) -> dict[str, Any] | None:
+    """A JSON object from a file, or None when the file is missing or not a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_flow_matching(config: dict[str, Any] | None) -> bool:
+    # flow-matching schedulers belong to the ``flow`` family
+    return bool(config) and str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
+@dataclass
+class Layout:
+    """Where a UNet's config/weights and its scheduler config live inside a model folder."""
+
+    root: pathlib.Path
+    unet_dir: pathlib.Path
+    scheduler_config: pathlib.Path | None
+
+
+def layout(path: pathlib.Path) -> Layout | None:
+    """The layout of a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet2DModel folder."""
+    if not path.is_dir():
+        return None
+    if (path / "model_index.json").is_file():
+        if not ((path / "unet").is_dir() and (path / "scheduler").is_dir()):
+            return None
+        return Layout(path, path / "unet", path / "scheduler" / "scheduler_config.json")
+    cfg = read_json(path / "config.json")
+    if not cfg or cfg.get("_class_name") != "UNet2DModel":
+        return None
+    for cand in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return Layout(path, path, cand)
+    return Layout(path, path, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scheduler → units
+
+
+@dataclass
+class Units:
+    """What a scheduler config says about the UNet's units."""
+
+    process: Process
+    time_convention: TimeConvention
+    parameterization: str
+    family: str
+    learned_variance: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _scheduler(name: str, config: dict[str, Any], source: str) -> Any:
+    """diffusers' scheduler ``name`` built from ``config``; a value diffusers rejects is a ModelLoadError."""
+    import diffusers
+
+    try:
+        with _quiet_diffusers():
+            return getattr(diffusers, name).from_config(config)
+    except Exception as err:
+        raise ModelLoadError(
+            f"diffusers cannot build {name} from {source} ({reason(err)})",
+            "fix that value, or re-save the scheduler the model was trained with (save_pretrained)",
+        ) from err
+
+
+def scheduler_units(config: dict[str, Any], source: str = "the scheduler config") -> Units:
+    """Process, time convention and parameterization implied by a diffusers scheduler config.
+
+    The schedule is taken from the scheduler's own ``alphas_cumprod`` (built by diffusers from the
+    config: ``beta_schedule``, ``trained_betas``, ...), so every schedule diffusers knows is covered.
+    Raises :class:`ModelLoadError` for an unsupported scheduler class or prediction type.
+    """
+    name = str(config.get("_class_name"))
+    if name in VE_SCHEDULERS:
+        sched = _scheduler(name, config, source)
+        smin, smax = float(sched.config.sigma_min), float(sched.config.sigma_max)
+        return Units(
+            VEProcess(),
+            TimeConvention(),
+            "score",
+            "ncsnpp_ve",
+            False,
+            {
+                "scheduler": name,
+                "native_time": "sigma (noise standard deviation), float tensor [B]",
+                "native_range": [smin, smax],
+                "output": "score (the UNet divides by sigma)",
+                "conversion": "s = out",
+            },
+        )
+    if name not in DDPM_SCHEDULERS:
+        raise ModelLoadError(
+            f"unsupported scheduler class {name!r} in {source}",
+            f"supported schedulers: {', '.join(SUPPORTED_SCHEDULERS)}; wrap other models with a "
+            "'module:factory' reference",
+        )
+    sched = _scheduler(name, config, source)
+    pred = str(sched.config.prediction_type)
+    if pred not in PARAMETERIZATION:
+        raise ModelLoadError(
+            f"unsupported prediction_type {pred!r} in {source}", "supported: epsilon, sample, v_prediction"
+        )
+    alphas_cumprod = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float64).flatten()
+    ab = alphas_cumprod
+    if ab.numel() < 2 or not bool(((ab >= 0) & (ab <= 1)).all()) or not bool((ab[1:] < ab[:-1]).all()):
+        raise ModelLoadError(
+            f"the schedule in {source} is not a noise schedule (alpha_bar must decrease strictly within (0, 1] "
+            f"over at least 2 steps; it has {ab.numel()} steps)",
+            "check num_train_timesteps, beta_start, beta_end, beta_schedule and trained_betas",
+        )
+    if not bool(alphas_cumprod[-1] > 0):
+        raise ModelLoadError(
+            f"the schedule in {source} reaches alpha_bar = 0 (zero terminal SNR)",
+            "use the checkpoint with its training schedule without rescale_betas_zero_snr",
+        )
+    schedule_name = "trained_betas" if sched.config.trained_betas is not None else str(sched.config.beta_schedule)
+    param = PARAMETERIZATION[pred]
+    variance = str(getattr(sched.config, "variance_type", None) or "")
+    return Units(
+        OUProcess(),
+        DiscreteSchedule(alphas_cumprod, name=schedule_name),
+        param,
+        "ddpm",
+        variance in ("learned", "learned_range"),
+        {
+            "scheduler": name,
+            "beta_schedule": schedule_name,
+            "num_train_timesteps": int(alphas_cumprod.numel()),
+            "prediction_type": pred,
+            "native_time": "DDPM index k (alpha_bar_k = prod_{i<=k} (1 - beta_i)), float tensor [B]",
+            "native_range": [0, int(alphas_cumprod.numel()) - 1],
+            "output": param,
+            "conversion": CONVERSION[param],
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and hygiene
+
+
+def _contiguous_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+
+
+def prepare(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Make a diffusers model safe to differentiate: eval mode, frozen parameters, classic attention.
+
+    Sets ``AttnProcessor`` (bmm + softmax: forward-mode AD and double backward work) on every
+    ``Attention`` module, turns off float32 up-casting of attention in float64 models, and adds a
+    forward-pre-hook making GroupNorm inputs contiguous (forward-mode AD fails otherwise). Outputs are
+    unchanged up to the floating-point rounding of the attention kernel.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    model.eval()
+    model.requires_grad_(False)
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mod.set_processor(AttnProcessor())
+            if dtype == torch.float64:
+                mod.upcast_softmax = False
+                mod.upcast_attention = False
+        elif isinstance(mod, torch.nn.GroupNorm) and not getattr(mod, "_conservcheck_contiguous", False):
+            mod.register_forward_pre_hook(_contiguous_inputs)
+            mod._conservcheck_contiguous = True
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' logger while loading: what it would warn about is raised here as one line."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _load_failure(cls: Any, folder: pathlib.Path, weights: WeightsFiles, err: BaseException) -> ModelLoadError:
+    """The one-line error for a failed ``from_pretrained``: damaged weights, weights that do not fit the
+    config, or diffusers' own complaint."""
+    chain = error_chain(err)
+    for e in chain:
+        text = str(e)
+        if "Error(s) in loading state_dict" in text or "size mismatch" in text:
+            detail = next((ln.strip() for ln in text.splitlines()[1:] if ln.strip()), text.splitlines()[0])
+            return ModelLoadError(
+                f"the weights in {folder} do not fit its config.json ({detail[:200]})",
+                "restore the config.json saved with these weights, or re-save the model with save_pretrained",
+            )
+        if "Unable to load weights from checkpoint file" in text:
+            return ModelLoadError(
+                f"weights file {weights.files[0]} is damaged: not a complete torch file ({reason(chain[-1])})",
+                DAMAGED_HINT,
+            )
+    return ModelLoadError(
+        f"diffusers could not load {cls.__name__} from {folder} ({reason(err)})",
+        "check that the folder is a complete saved diffusers model of that class",
+    )
+
+
+def load_component(
+    cls: Any,
+    folder: pathlib.Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    variant: str | None = None,
+) -> tuple[torch.nn.Module, WeightsFiles, str]:
+    """Load a diffusers model class from a saved folder: (model, weights files, loader used).
+
+    safetensors when present (checked for truncation first); otherwise pickled ``.bin`` weights through
+    diffusers, which reads them with ``torch.load(weights_only=True)``. A pickle that needs arbitrary
+    unpickling is refused unless ``trust_remote_code`` is true, and is then read with
+    ``torch.load(weights_only=False)`` into a model built from the folder's config. Weights that leave
+    parameters of the config uninitialised are refused (diffusers would fill them with random values).
+    """
+    weights = find_weights(folder, variant=variant)
+    if weights.use_safetensors:
+        for f in weights.files:
+            check_safetensors(f)
+    with _quiet_diffusers():
+        try:
+            model, loading = cls.from_pretrained(
+                str(folder),
+                use_safetensors=weights.use_safetensors,
+                variant=variant,
+                torch_dtype=dtype,
+                low_cpu_mem_usage=False,
+                output_loading_info=True,
+            )
+            loader = "safetensors" if weights.use_safetensors else "torch.load(weights_only=True)"
+        except Exception as err:
+            needed = None if weights.use_safetensors else unsafe_global(err)
+            if needed is None:
+                raise _load_failure(cls, folder, weights, err) from err
+            if not trust_remote_code:
+                raise ModelLoadError(
+                    f"{weights.files[0].name} in {folder} needs arbitrary unpickling ({needed}), which can run code",
+                    TRUST_HINT,
+                ) from err
+            model, loading, loader = _load_trusted(cls, folder, weights, dtype), {}, "torch.load(weights_only=False)"
+    missing = sorted(loading.get("missing_keys", []))
+    if missing:
+        raise ModelLoadError(
+            f"the weights in {folder} lack {len(missing)} parameters of its config.json (first: {missing[0]})",
+            "restore the config.json saved with these weights, or re-save the model with save_pretrained",
+        )
+    return model, weights, loader
+
+
+def _load_trusted(cls: Any, folder: pathlib.Path, weights: WeightsFiles, dtype: torch.dtype) -> torch.nn.Module:
+    """``torch.load(weights_only=False)`` of every weights file into a model built from the config."""
+    model = cls.from_config(cls.load_config(str(folder)))
+    state: dict[str, Tensor] = {}
+    for f in weights.files:
+        try:
+            state.update(torch.load(f, map_location="cpu", weights_only=False))
+        except Exception as err:
+            raise ModelLoadError(f"cannot unpickle {f} ({reason(err)})", DAMAGED_HINT) from err
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ModelLoadError(
+            f"the weights in {folder} do not fit its config.json ({reason(err)})",
+            "re-save the model with save_pretrained",
+        ) from err
+    return model.to(dtype)
+
+
+class UNetField(torch.nn.Module):
+    """``fn(x, native_time)`` for a ``UNet2DModel``: its ``sample`` output, without the variance channels
+    of a model that also predicts its variance (``variance_type`` learned / learned_range)."""
+
+    def __init__(self, unet: torch.nn.Module, channels: int | None = None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.channels = channels
+        self.eval()
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        out = self.unet(x, t, return_dict=False)[0]
+        return out if self.channels is None else out[:, : self.channels]
+
+
+def check_unconditional(unet_dir: pathlib.Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``unet_dir`` holds an unconditional ``UNet2DModel``: a text- or
+    class-conditional network has no single vector field without a choice of condition."""
+    cfg = read_json(unet_dir / "config.json")
+    if cfg is None:
+        raise ModelLoadError(
+            f"{unet_dir / 'config.json'} is missing or not a JSON object", "re-save the model with save_pretrained"
+        )
+    if cfg.get("_class_name") != "UNet2DModel":
+        raise ModelLoadError(
+            f"{unet_dir} holds a {cfg.get('_class_name')!r}, not an unconditional UNet2DModel",
+            "conditional (e.g. text-to-image) networks need a fixed condition: wrap them with a "
+            "'module:factory' reference",
+        )
+    if cfg.get("num_class_embeds") or cfg.get("class_embed_type"):
+        raise ModelLoadError(
+            f"{unet_dir} holds a class-conditional UNet2DModel",
+            "fix a class label in a wrapper and load it with a 'module:factory' reference",
+        )
+
+
+def sample_shape(config: Any) -> tuple[int, int, int]:
+    """(C, H, W) of one UNet input from its config (``sample_size`` int or pair)."""
+    size, channels = config.sample_size, config.in_channels
+    hw = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else None
+    shape = [channels, *hw] if hw is not None else []
+    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ModelLoadError(
+            f"the UNet config has sample_size {size!r} and in_channels {channels!r}: not an image shape",
+            "sample_size must be a positive integer or [height, width] and in_channels a positive integer; "
+            "restore the config.json saved with the weights",
+        )
+    return (channels, shape[1], shape[2])
+
+
+def check_options(options: dict[str, Any], accepted: tuple[str, ...] = OPTIONS) -> None:
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UsageError(f"unknown adapter option(s) {', '.join(unknown)}", f"accepted: {', '.join(accepted)}")
+
+
+@dataclass
+class LoadedUNet:
+    """A folder's UNet2DModel ready for Jacobian products, with its provenance for :class:`ProbeInfo`."""
+
+    unet: torch.nn.Module
+    weights: WeightsFiles
+    loader: str
+    sha256: str
+    files: dict[str, str]
+
+    @property
+    def data_range(self) -> tuple[float, float]:
+        """[0, 1] for NCSN++-style UNets that centre their input inside, else [−1, 1]."""
+        return (0.0, 1.0) if self.unet.config.center_input_sample else (-1.0, 1.0)
+
+    def provenance(self) -> dict[str, Any]:
+        """The ``ProbeInfo.extra`` entries every diffusers-folder adapter records."""
+        import diffusers
+
+        return {
+            "weights_files": self.files,
+            "weights_format": self.weights.format,
+            "weights_loader": self.loader,
+            "attention_processor": "AttnProcessor",
+            "diffusers_version": diffusers.__version__,
+        }
+
+
+def load_unet(
+    lay: Layout, *, device: torch.device | str, dtype: torch.dtype, trust_remote_code: bool, variant: str | None
+) -> LoadedUNet:
+    """The unconditional UNet2DModel of a folder layout, loaded safely, prepared and hashed."""
+    import diffusers
+
+    check_unconditional(lay.unet_dir)
+    unet, weights, loader = load_component(
+        diffusers.UNet2DModel, lay.unet_dir, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
+    )
+    digest, per_file = hash_files(weights.files, lay.root)
+    return LoadedUNet(prepare(unet.to(device), dtype), weights, loader, digest, per_file)

@@ -1,0 +1,173 @@
+"""Model references: the string a user names a model by → a loaded :class:`VectorFieldProbe`.
+
+Resolution order (the first rule that applies wins):
+
+1. ``embedded:<name>`` — a model packaged with conservcheck (``conservcheck.adapters.embedded``).
+2. ``module:factory`` — contains ``:`` and is not an existing path: a user's factory function
+   (``conservcheck.adapters.custom.load_factory``).
+3. an existing local file or folder.
+4. a hub id ``owner/name`` (revision from ``owner/name@rev`` or the ``revision`` argument, default
+   ``main``) — downloaded through :mod:`conservcheck.adapters.hub` into the hub cache, giving a local folder.
+
+For 3 and 4 the adapters' ``detect`` are asked in registry order (:mod:`conservcheck.adapters`) and the
+first match's ``load`` builds the probe. The probe's ``info`` then records the reference, the resolved
+revision (the commit hash of a hub snapshot, also for a local path inside the hub cache) and, from the
+adapter, the SHA-256 of the weights file(s) actually loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from conservcheck import adapters
+from conservcheck.adapters import hub
+from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.probe import VectorFieldProbe
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a reference points: ``kind`` is ``embedded``, ``factory``, ``local`` or ``hub``."""
+
+    kind: str
+    reference: str
+    path: pathlib.Path | None = None
+    spec: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~", "\\")) or "\\" in text or text.count("/") != 1
+
+
+def resolve(
+    reference: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | pathlib.Path | None = None,
+    endpoint: str | None = None,
+    offline: bool | None = None,
+) -> Resolved:
+    """Apply the resolution order to a reference; hub ids are fetched to a local snapshot folder.
+
+    Raises :class:`UsageError` for a revision given twice or given for a non-hub reference, and
+    :class:`ModelLoadError` for a path that does not exist or a hub failure (:func:`hub.explain`).
+    """
+    ref = str(reference).strip()
+    if not ref:
+        raise UsageError(
+            "empty model reference",
+            "name a local folder or file, a hub id owner/name, embedded:<name> or module:factory",
+        )
+    if ref.startswith(EMBEDDED_PREFIX):
+        _no_revision(revision, ref)
+        return Resolved("embedded", ref, spec=ref[len(EMBEDDED_PREFIX) :])
+    path = pathlib.Path(ref).expanduser()
+    if ":" in ref and not path.exists():
+        _no_revision(revision, ref)
+        return Resolved("factory", ref, spec=ref)
+    if path.exists():
+        _no_revision(revision, ref)
+        repo_id, commit = hub.snapshot_of(path.resolve()) or (None, None)
+        return Resolved("local", ref, path=path, repo_id=repo_id, revision=commit)
+    repo_id, at_rev = hub.split_revision(ref)
+    if at_rev is not None and revision is not None and at_rev != revision:
+        raise UsageError(
+            f"two revisions for {repo_id}: {at_rev!r} in the reference and {revision!r} given separately",
+            "give the revision once",
+        )
+    if _looks_like_path(repo_id) or not hub.is_hub_id(repo_id):
+        raise ModelLoadError(
+            f"no file or folder {ref!r}, and it is not a hub id (owner/name)",
+            "check the path, or name a hub model as owner/name[@revision]",
+        )
+    folder = hub.snapshot(repo_id, at_rev or revision, cache_dir, endpoint=endpoint, offline=offline)
+    return Resolved("hub", ref, path=folder, repo_id=repo_id, revision=(hub.snapshot_of(folder) or (None, None))[1])
+
+
+def _no_revision(revision: str | None, ref: str) -> None:
+    if revision is not None:
+        raise UsageError(f"a revision was given for {ref!r}, which is not a hub id", "drop the revision")
+
+
+def _import(module: str, what: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module:
+            raise ModelLoadError(
+                f"{what} are not available in this installation ({module} is missing)", "reinstall conservcheck"
+            ) from err
+        raise
+
+
+def load_reference(
+    reference: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | pathlib.Path | None = None,
+    endpoint: str | None = None,
+    offline: bool | None = None,
+    adapter: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    **options: Any,
+) -> VectorFieldProbe:
+    """A probe for a model reference (resolution order in the module docstring).
+
+    Args:
+        reference: ``embedded:<name>``, ``module:factory``, a local file or folder, or ``owner/name[@rev]``.
+        revision: hub branch, tag or commit (hub ids only).
+        cache_dir, endpoint, offline: hub cache folder, Hub mirror, and offline switch (default: the
+            ``HF_HUB_OFFLINE`` environment variable).
+        adapter: use this adapter by name instead of asking each adapter's ``detect``.
+        device, dtype, trust_remote_code, options: passed to the adapter's ``load``.
+    Returns:
+        the probe; ``probe.info`` holds reference, revision, weights SHA-256 and the trust flag.
+    """
+    res = resolve(reference, revision=revision, cache_dir=cache_dir, endpoint=endpoint, offline=offline)
+    if res.kind == "embedded":
+        probe = _import("conservcheck.adapters.embedded", "embedded models").load(
+            res.spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options
+        )
+    elif res.kind == "factory":
+        probe = _import("conservcheck.adapters.custom", "custom factories").load_factory(
+            res.spec, device=device, dtype=dtype
+        )
+    else:
+        assert res.path is not None
+        if adapter is not None:
+            chosen = adapters.get(adapter)
+        else:
+            chosen, broken = adapters.detect(res.path)
+            if chosen is None:
+                skipped = f"; adapters that failed: {'; '.join(broken)}" if broken else ""
+                raise ModelLoadError(
+                    f"no adapter recognises {res.path}{skipped}",
+                    "expected a diffusers model folder, a score_sde / EDM checkpoint or a flow model; "
+                    "wrap anything else with a 'module:factory' reference",
+                )
+        probe = chosen.load(res.path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+    if not isinstance(probe, VectorFieldProbe):
+        raise ModelLoadError(
+            f"loading {reference!r} returned a {type(probe).__name__}, not a VectorFieldProbe",
+            "the adapter or factory must return conservcheck.VectorFieldProbe",
+        )
+    info = probe.info
+    info.reference = res.reference
+    if res.revision is not None:
+        info.revision = res.revision
+    if res.repo_id is not None:
+        info.name = res.repo_id
+    info.trust_remote_code = bool(info.trust_remote_code or trust_remote_code)
+    info.extra.setdefault("source", res.kind)
+    return probe

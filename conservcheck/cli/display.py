@@ -1,0 +1,118 @@
+"""What the console shows of a report: the model line, one rich table per diagnostic variant, the verdict.
+
+Rows are time points, columns the statistics of the variant's main metric (its table metrics come from
+the diagnostic registry, :meth:`conservcheck.diagnostics.Diagnostic.table_metrics`). Below 140 columns of
+terminal the mean and its confidence interval are left out, below 100 also the second metric; the JSON
+and CSV reports always hold everything.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from conservcheck import diagnostics
+
+
+def out_console(data_on_stdout: bool) -> Console:
+    stream = sys.stderr if data_on_stdout else sys.stdout
+    return Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
+
+
+def fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def tables(report: Any, width: int) -> list[Table]:
+    """One table per (diagnostic, variant): rows are time points, columns the statistics (module doc)."""
+    summary = report.summary()
+    checks = {(c["diagnostic"], c["variant"], c["time_key"]): c for c in report.verdict.checks}
+    out = []
+    groups = summary[["diagnostic", "variant"]].drop_duplicates().itertuples(index=False)
+    for diag, variant in groups:
+        spec = diagnostics.registered().get(diag)
+        main, extra = spec.table_metrics(variant) if spec is not None else (None, None)
+        rows = summary[(summary["diagnostic"] == diag) & (summary["variant"] == variant)]
+        if main not in set(rows["metric"]):
+            main = next(iter(rows["metric"].dropna()), None)
+        if main is None:
+            continue
+        extra = extra if width >= 100 else None
+        graded = spec is not None and spec.headline_metric(variant) == main
+        columns: list[tuple[str, Any]] = [
+            ("time", lambda r, c: report.time_label(r["time_key"])),
+            ("σ", lambda r, c: fmt(float(r["sigma"]))),
+            ("median", lambda r, c: fmt(r["median"])),
+            ("q25 – q75", lambda r, c: f"{fmt(r['q25'])} – {fmt(r['q75'])}"),
+        ]
+        if width >= 140:
+            columns += [
+                ("mean", lambda r, c: fmt(r["mean"])),
+                ("95% CI of mean", lambda r, c: f"{fmt(r['ci_low'])} – {fmt(r['ci_high'])}"),
+            ]
+        columns.append(("n", lambda r, c: fmt(r["n"] if r["status"] == "ok" else None)))
+        if extra:
+
+            def extra_median(r: Any, c: Any, metric: str = extra) -> str:
+                e = rows[(rows["metric"] == metric) & (rows["time_key"] == r["time_key"])]["median"]
+                return fmt(float(e.iloc[0])) if len(e) else "—"
+
+            columns.append((f"{extra} median", extra_median))
+        if graded:
+            columns += [
+                ("floor", lambda r, c: fmt(c.get("floor"))),
+                ("check", lambda r, c: c.get("status", r["status"])),
+            ]
+        title = f"{diag} · {variant} — {main}"
+        table = Table(title=title, title_justify="left", min_width=len(title), box=box.SIMPLE_HEAD)
+        for name, _ in columns:
+            table.add_column(name, justify="left" if name == "check" else "right", no_wrap=True)
+        for _, r in rows[rows["metric"] == main].iterrows():
+            c = checks.get((diag, variant, r["time_key"]), {})
+            table.add_row(*[cell(r, c) for _, cell in columns])
+        out.append(table)
+    return out
+
+
+def describe(report: Any) -> list[str]:
+    m, opts, src = report.header["model"], report.header["options"], report.header.get("data_source", {})
+    name = m.get("reference") or m.get("name")
+    lines = [
+        f"model {name} ({m.get('adapter')}, {m.get('parameterization')} → score, {m['process']['name']} process) "
+        f"on {report.header['environment']['device']}, precision {m.get('precision')}"
+    ]
+    if src.get("kind") == "model":
+        lines.append(
+            f"x0: {src.get('n')} samples drawn from the model (deterministic DPM-Solver++(2M), "
+            f"{src.get('steps')} steps)"
+        )
+    elif src.get("path"):
+        lines.append(f"x0: {src.get('n')} samples from {src['path']} ({src.get('mapping')})")
+    if opts.get("cpu_scaled"):
+        lines.append(
+            f"CPU-scaled defaults: {opts['n_samples']} samples per time point, {opts['n_points']} nodes per loop "
+            "(the paper: 256 and 1000; set --samples / --points)"
+        )
+    return lines
+
+
+def line(console: Console, text: str) -> None:
+    """One unwrapped line of plain text (verdicts and gate results stay greppable)."""
+    console.print(text, markup=False, soft_wrap=True)
+
+
+def show(report: Any, console: Console) -> None:
+    for text in describe(report):
+        line(console, text)
+    for table in tables(report, console.width):
+        console.print(table)
+    for p in report.header.get("problems", []):
+        line(console, f"problem: {p}")
+    line(console, f"verdict: {report.verdict}")

@@ -1,0 +1,288 @@
+"""`--fail-if` conditions on a report's summary: a small grammar, parsed by hand (never ``eval``).
+
+Grammar (keywords are case-insensitive; ``and`` binds tighter than ``or``)::
+
+    expression := clause ("or" clause)*
+    clause     := condition ("and" condition)*
+    condition  := metric OP NUMBER [scope]
+                | "verdict" ("==" | "!=") ("pass" | "violation" | "invalid")
+    metric     := DIAGNOSTIC "." VARIANT "." COLUMN "." STATISTIC      VARIANT may be "*" (any)
+    OP         := ">" | ">=" | "<" | "<=" | "==" | "!="
+    scope      := "at" "any" "time" | "at" "all" "times"
+                | "at" "k" "=" INTEGER | "at" "t" "=" NUMBER | "at" "sigma" "=" NUMBER
+
+STATISTIC is one of the summary's ``n, median, q25, q75, mean, ci_low, ci_high``; the scope defaults to
+``at any time``. Examples::
+
+    loop.rotation.abs_circulation_ratio.median > 0.05
+    curl.hutchinson.rel_asym.mean > 0.2 at any time
+    loop.*.abs_eq7.q75 > 1 at all times or verdict == invalid
+
+A condition on a (diagnostic, variant, time point) whose statistics are empty because the unit did not
+finish cleanly (NaN/Inf output, an error) *holds*: a gate fails closed. A metric the report does not
+contain is a usage error (exit code 2), as is a malformed expression.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from conservcheck.errors import UsageError
+from conservcheck.files import write_atomic
+from conservcheck.report.audit_report import AuditReport
+from conservcheck.report.summary import STAT_COLUMNS
+
+OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+VERDICTS = ("pass", "violation", "invalid")
+_TOKEN = re.compile(r"\s*(?:(>=|<=|==|!=|>|<|=)|([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.*]))|([\w.*-]+))")
+HINT = "write e.g. 'loop.rotation.abs_circulation_ratio.median > 0.05 at any time'; the grammar is in docs/cli.md"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``metric OP value`` over the time points named by ``scope`` (``any``, ``all``, or a time point)."""
+
+    diagnostic: str
+    variant: str
+    column: str
+    statistic: str
+    op: str
+    value: float
+    scope: str = "any"
+    at: tuple[str, float] | None = None
+
+    @property
+    def metric(self) -> str:
+        return f"{self.diagnostic}.{self.variant}.{self.column}.{self.statistic}"
+
+
+@dataclass(frozen=True)
+class VerdictCondition:
+    op: str
+    status: str
+
+
+Atom = Condition | VerdictCondition
+
+
+@dataclass(frozen=True)
+class Expression:
+    """Disjunction of conjunctions of atoms, with the text it was parsed from."""
+
+    text: str
+    clauses: tuple[tuple[Atom, ...], ...]
+
+
+@dataclass
+class GateResult:
+    """Whether one expression holds on a report, and the values that made it hold."""
+
+    expression: Expression
+    holds: bool
+    details: list[str] = field(default_factory=list)
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise UsageError(f"--fail-if {text!r}: cannot read {text[pos:].strip()!r}", HINT)
+        op, num, word = m.groups()
+        out.append(("op", op) if op else ("num", num) if num else ("word", word))
+        pos = m.end()
+    return out
+
+
+def parse(text: str) -> Expression:
+    """Parse one ``--fail-if`` expression; raises :class:`UsageError` naming what is wrong."""
+    toks = _tokens(text)
+    pos = 0
+
+    def fail(what: str) -> UsageError:
+        got = toks[pos][1] if pos < len(toks) else "the end"
+        return UsageError(f"--fail-if {text!r}: expected {what}, got {got!r}", HINT)
+
+    def peek_word(*words: str) -> bool:
+        return pos < len(toks) and toks[pos][0] == "word" and toks[pos][1].lower() in words
+
+    def take(kind: str, what: str) -> str:
+        nonlocal pos
+        if pos >= len(toks) or toks[pos][0] != kind:
+            raise fail(what)
+        pos += 1
+        return toks[pos - 1][1]
+
+    def expect_word(word: str, what: str) -> None:
+        nonlocal pos
+        if not peek_word(word):
+            raise fail(what)
+        pos += 1
+
+    def number(what: str) -> float:
+        nonlocal pos
+        if peek_word("inf", "-inf", "+inf"):
+            pos += 1
+            return float(toks[pos - 1][1])
+        return float(take("num", what))
+
+    def atom() -> Atom:
+        nonlocal pos
+        if peek_word("verdict"):
+            pos += 1
+            op = take("op", "== or != after verdict")
+            status = take("word", "pass, violation or invalid").lower()
+            if op not in ("==", "!=") or status not in VERDICTS:
+                pos -= 1
+                raise fail("verdict == or != one of pass, violation, invalid")
+            return VerdictCondition(op, status)
+        name = take("word", "a metric such as loop.rotation.abs_circulation_ratio.median")
+        parts = name.split(".")
+        if len(parts) != 4 or not all(parts):
+            pos -= 1
+            raise fail("a metric DIAGNOSTIC.VARIANT.COLUMN.STATISTIC")
+        if parts[3] not in STAT_COLUMNS:
+            pos -= 1
+            raise fail(f"a statistic ({', '.join(STAT_COLUMNS)}) at the end of the metric")
+        op = take("op", "a comparison (>, >=, <, <=, ==, !=)")
+        if op == "=":
+            pos -= 1
+            raise fail("a comparison (>, >=, <, <=, ==, !=)")
+        value = number("a number")
+        scope, at = "any", None
+        if peek_word("at"):
+            pos += 1
+            if peek_word("any"):
+                pos += 1
+                expect_word("time", "'time' after 'at any'")
+            elif peek_word("all"):
+                pos += 1
+                expect_word("times", "'times' after 'at all'")
+                scope = "all"
+            elif peek_word("k", "t", "sigma", "σ"):
+                axis = take("word", "k, t or sigma").lower().replace("σ", "sigma")
+                if take("op", "=") != "=":
+                    pos -= 1
+                    raise fail("=")
+                v = number("a time")
+                if axis == "k" and not float(v).is_integer():
+                    raise UsageError(f"--fail-if {text!r}: a time index k must be an integer", HINT)
+                scope, at = "point", (axis, v)
+            else:
+                raise fail("'any time', 'all times', 'k=…', 't=…' or 'sigma=…' after 'at'")
+        return Condition(*parts, op, value, scope, at)  # type: ignore[misc]
+
+    clauses: list[tuple[Atom, ...]] = []
+    clause = [atom()]
+    while pos < len(toks):
+        if peek_word("and"):
+            pos += 1
+            clause.append(atom())
+        elif peek_word("or"):
+            pos += 1
+            clauses.append(tuple(clause))
+            clause = [atom()]
+        else:
+            raise fail("'and', 'or' or the end of the condition")
+    clauses.append(tuple(clause))
+    return Expression(text, tuple(clauses))
+
+
+def _select(cond: Condition, summary: pd.DataFrame, label: Callable[[str], str]) -> pd.DataFrame:
+    s = summary[(summary["diagnostic"] == cond.diagnostic) & (summary["metric"] == cond.column)]
+    if cond.variant != "*":
+        s = s[s["variant"] == cond.variant]
+    if s.empty:
+        ran = sorted({f"{d}.{v}.{m}" for d, v, m in zip(summary["diagnostic"], summary["variant"], summary["metric"])})
+        hint = "metrics in this report: " + ", ".join(ran[:12]) + (" …" if len(ran) > 12 else "")
+        raise UsageError(f"--fail-if: the report has no {cond.diagnostic}.{cond.variant}.{cond.column}", hint)
+    if cond.at is not None:
+        axis, v = cond.at
+        if axis == "k":
+            s = s[s["time_index"] == int(v)]
+        else:
+            s = s[[math.isclose(x, v, rel_tol=1e-6) for x in s["t" if axis == "t" else "sigma"]]]
+        if s.empty:
+            points = sorted({label(k) for k in summary["time_key"]})
+            raise UsageError(
+                f"--fail-if: the report has no time point {axis}={v:g}", "time points: " + ", ".join(points)
+            )
+    return s
+
+
+def _holds(cond: Atom, report: AuditReport) -> tuple[bool, list[str]]:
+    if isinstance(cond, VerdictCondition):
+        ok = OPS[cond.op](report.verdict.status, cond.status)
+        return ok, [f"verdict is {report.verdict.status}"] if ok else []
+    s = _select(cond, report.summary(), report.time_label)
+    hits: list[bool] = []
+    details: list[str] = []
+    for _, row in s.iterrows():
+        value = row[cond.statistic]
+        metric = f"{row['diagnostic']}.{row['variant']}.{cond.column}.{cond.statistic}"
+        where = f"{metric} at {report.time_label(row['time_key'])}"
+        if pd.isna(value):
+            hits.append(True)
+            details.append(f"{where} has no value ({row['status']})")
+        elif OPS[cond.op](float(value), cond.value):
+            hits.append(True)
+            details.append(f"{where} = {float(value):.4g} {cond.op} {cond.value:g}")
+        else:
+            hits.append(False)
+    holds = all(hits) if cond.scope == "all" else any(hits)
+    return holds, details if holds else []
+
+
+def evaluate(expr: Expression, report: AuditReport) -> GateResult:
+    """Whether ``expr`` holds on ``report`` (see the module doc for missing values)."""
+    for clause in expr.clauses:
+        results = [_holds(atom, report) for atom in clause]
+        if all(ok for ok, _ in results):
+            return GateResult(expr, True, [d for _, ds in results for d in ds])
+    return GateResult(expr, False, [])
+
+
+def junit_xml(results: list[GateResult], report: AuditReport) -> str:
+    """JUnit XML with one test case per condition (a failure when the condition holds)."""
+    suite = ET.Element(
+        "testsuite",
+        name="conservcheck",
+        tests=str(len(results)),
+        failures=str(sum(r.holds for r in results)),
+        errors="0",
+    )
+    model = report.header.get("model", {})
+    suite.set("hostname", str(model.get("reference") or model.get("name") or "model"))
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname="conservcheck.report.gate", name=r.expression.text)
+        if r.holds:
+            fail = ET.SubElement(case, "failure", message=f"condition holds: {r.expression.text}", type="gate")
+            fail.text = "\n".join(r.details)
+    ET.SubElement(suite, "system-out").text = report.verdict.reason
+    root = ET.Element("testsuites")
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_junit(path: str | Path, results: list[GateResult], report: AuditReport) -> None:
+    write_atomic(path, junit_xml(results, report))
+
+
+__all__ = ["Condition", "Expression", "GateResult", "VerdictCondition", "evaluate", "junit_xml", "parse", "write_junit"]

@@ -1,0 +1,131 @@
+"""The paper's figure types from a report (matplotlib, the ``plots`` extra).
+
+* *metric vs time* (Fig. 2, 3, 6, 8, 10): for each metric, the median over samples against the time
+  index k (or t, or σ for VE) with the q25–q75 band, one line per loop type (or curl / Stein variant),
+  and the conservative control's median dashed — the audit's numerical floor;
+* *box plots* (Fig. 5, 7, 9, 11, 12): for each loop metric, one panel per loop type with one box of the
+  per-sample values per time point.
+
+Which metrics are drawn, and how, each registered diagnostic says (:class:`conservcheck.diagnostics.Figure`).
+
+Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conservcheck import diagnostics
+from conservcheck.errors import UsageError
+from conservcheck.report.audit_report import AuditReport
+
+
+def _figure(**kw: Any) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError(
+            "plotting needs matplotlib, which is not installed", "pip install 'conservcheck[plots]'"
+        ) from None
+    return Figure(**kw)
+
+
+def _axis(report: AuditReport) -> tuple[str, str, bool]:
+    """(summary column for x, its label, log scale) for the report's time convention."""
+    if any(t.get("index") is not None for t in report.header["time_points"]):
+        return "time_index", "time index k", False
+    if report.header["process"].get("time") == "sigma":
+        return "sigma", "σ", True
+    return "t", "t (canonical time)", False
+
+
+def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, log: bool) -> Any | None:
+    s = report.summary(field=None)
+    s = s[(s["diagnostic"] == diagnostic) & (s["metric"] == metric) & (s["status"] == "ok")]
+    if s.empty:
+        return None
+    xcol, xlabel, xlog = _axis(report)
+    fig = _figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for variant, rows in s[s["field"] == "model"].groupby("variant", sort=False):
+        rows = rows.sort_values("t")
+        x = rows[xcol].astype(float).to_numpy()
+        line = ax.plot(x, rows["median"], marker="o", ms=3, label=variant)[0]
+        ax.fill_between(
+            x, rows["q25"].astype(float), rows["q75"].astype(float), color=line.get_color(), alpha=0.2, lw=0
+        )
+        ctrl = s[(s["field"] == "control") & (s["variant"] == variant)].sort_values("t")
+        if not ctrl.empty:
+            ax.plot(
+                ctrl[xcol].astype(float),
+                ctrl["median"],
+                ls="--",
+                lw=1,
+                color=line.get_color(),
+                alpha=0.7,
+                label=f"{variant} (conservative control)",
+            )
+    positive = bool((s["median"] > 0).all())
+    if log and positive:
+        ax.set_yscale("log")
+    if xlog:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(label)
+    ax.set_title(f"{diagnostic}: {metric} — median, q25–q75 band", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _box_figure(report: AuditReport, diagnostic: str, metric: str) -> Any | None:
+    rows = report.rows
+    if metric not in rows.columns:
+        return None
+    rows = rows[(rows["field"] == "model") & (rows["diagnostic"] == diagnostic)]
+    variants = list(dict.fromkeys(rows["variant"]))
+    if not variants:
+        return None
+    fig = _figure(figsize=(3.2 * len(variants) + 1, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(variants), squeeze=False)[0]
+    for ax, variant in zip(axes, variants):
+        sub = rows[rows["variant"] == variant]
+        keys = list(dict.fromkeys(sub.sort_values("t")["time_key"]))
+        data = [sub[sub["time_key"] == k][metric].dropna().to_numpy() for k in keys]
+        ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
+        ax.set_xticks(range(1, len(keys) + 1), [report.time_label(k) for k in keys], rotation=45, fontsize=7)
+        if all(len(d) and (d > 0).all() for d in data):
+            ax.set_yscale("log")
+        ax.set_title(variant, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric)
+    return fig
+
+
+def plot_report(report: AuditReport, out_dir: str | Path, fmt: str = "png") -> list[Path]:
+    """Write the report's figures to ``out_dir`` as ``fmt`` (png or svg); returns the files written."""
+    if fmt not in ("png", "svg"):
+        raise UsageError(f"unknown figure format {fmt!r}", "use png or svg")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    specs = diagnostics.registered().values()
+    figures = [
+        (f"{d.name}_{f.metric}", _time_figure(report, d.name, f.metric, f.label, f.log))
+        for d in specs
+        for f in d.figures
+    ]
+    figures += [(f"{d.name}_{m}_box", _box_figure(report, d.name, m)) for d in specs for m in d.box_metrics]
+    for name, fig in figures:
+        if fig is None:
+            continue
+        path = out / f"{name}.{fmt}"
+        fig.savefig(path, dpi=150, metadata={"Software": None} if fmt == "png" else {"Date": None})
+        written.append(path)
+    if not written:
+        raise UsageError("the report has no finished diagnostic to plot", "plot a report whose verdict is not empty")
+    return written
+
+
+__all__ = ["plot_report"]

@@ -1,0 +1,44 @@
+"""The report's JSON schema: a fixed part, and the ``options`` object built from the audit's options.
+
+The fixed part is ``conservcheck/schema/report.schema.json``. The ``options`` object has one property per
+numeric audit option, with that option's own schema fragment, so a registered diagnostic or loop type that
+adds an option also adds it to the schema (plus ``cpu_scaled``). ``conservcheck.report_schema()`` gives the
+schema of this installation's options.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from conservcheck.settings import Option
+
+SCHEMA_VERSION = "1.1"
+
+
+@lru_cache(maxsize=1)
+def _fixed() -> dict[str, Any]:
+    text = resources.files("conservcheck").joinpath("schema/report.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def report_schema(options: Iterable[Option]) -> dict[str, Any]:
+    """The JSON schema (draft 2020-12) of a report whose audit had ``options``."""
+    schema = copy.deepcopy(_fixed())
+    numeric = [o for o in options if o.numeric]
+    props = {o.name: copy.deepcopy(o.schema) for o in numeric}
+    props["cpu_scaled"] = {"type": "boolean"}
+    schema["properties"]["options"] = {
+        "type": "object",
+        "required": list(props),
+        "properties": props,
+        "additionalProperties": False,
+    }
+    return schema
+
+
+__all__ = ["SCHEMA_VERSION", "report_schema"]

@@ -1,0 +1,361 @@
+"""`audit`: every diagnostic at every time point on one model, with its numerical floor, in one report.
+
+The audit loads the model, checks its contract once (shape, finiteness, determinism, batch
+independence, use of its time input), obtains clean samples x0 (``data`` or the model's own deterministic
+samples), and runs *units* — one diagnostic variant at one time point — on two fields: the model and a
+conservative *control* (the exact score of a diagonal Gaussian fitted to x0, in the model's dtype,
+device and precision, evaluated on the very same loops and probe vectors). The control's values are the
+audit's numerical floor (see :mod:`conservcheck.report.audit_report` for the verdict rule).
+
+Every finished unit is appended to a partial-results file (JSON lines, flushed and synced), so Ctrl-C or
+a killed job loses at most the unit in progress; ``resume=PATH`` reuses the finished units and, because
+every random draw is keyed by (seed, stream, time point, sample index), gives exactly the report an
+uninterrupted run gives. A bad model does not stop the audit: a unit whose model raises or returns
+NaN/Inf is recorded with its status, reported per time point, and the verdict becomes ``invalid``.
+
+Distributed runs (docs/distributed.md): ``shard="i/n"`` runs only the units of group g ≡ i (mod n), where
+a group is one (diagnostic, variant, time point) — the model unit and its control — numbered in plan
+order, and writes them to its own partial-results file. The shards never communicate (a dead one cannot
+block the others); :func:`conservcheck.merge` checks that their files come from one audit and together hold every
+unit, and builds the report an unsharded run gives.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from conservcheck.batching import Batcher
+from conservcheck.contract import check_probe
+from conservcheck.errors import ProbeContractError, UsageError
+from conservcheck.files import cache_folder, json_safe
+from conservcheck.precision import storage_dtype
+from conservcheck.probe import VectorFieldProbe
+from conservcheck.report import SCHEMA_VERSION, AuditReport
+from conservcheck.runner.journal import JOURNAL_FORMAT, Journal
+from conservcheck.runner.options import audit_options, device_defaults, resolve_device, resolve_options, shard_of
+from conservcheck.runner.units import (
+    build_report,
+    control_probe,
+    jacobian_strategies,
+    plan_units,
+    run_unit,
+    unit_record,
+)
+from conservcheck.timepoints import TimePoint, time_points
+from conservcheck.version import __version__
+from conservcheck.x0.data import load_data, tensor_sha256
+from conservcheck.x0.model_samples import model_samples
+
+log = logging.getLogger("conservcheck")
+
+DEFAULT_MODEL = "embedded:digits"
+SKIPPED_BUDGET = "time budget exhausted — run again with --resume to finish"
+SKIPPED_SHARD = "left to the other shards — combine their files with conservcheck merge"
+
+Progress = Callable[[float, float, str], None]
+
+
+class AuditInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an audit: finished units are safe in ``partial_path`` (resume with it)."""
+
+    def __init__(self, partial_path: Path, n_done: int, shard: str | None = None) -> None:
+        super().__init__(f"interrupted; {n_done} finished units are saved in {partial_path}")
+        self.partial_path = partial_path
+        self.n_done = n_done
+        self.shard = shard
+
+    @property
+    def resume_flags(self) -> str:
+        """The flags that continue this audit: ``--resume PATH`` (and its ``--shard``)."""
+        return (f"--shard {self.shard} " if self.shard else "") + f"--resume {self.partial_path}"
+
+
+def load_model(model: VectorFieldProbe | str, opts: dict[str, Any], given: set[str]) -> VectorFieldProbe:
+    if isinstance(model, VectorFieldProbe):
+        for name in ("revision", "trust_remote_code"):
+            if name in given and opts[name] not in (None, False):
+                raise UsageError(f"{name} applies to model references, not to a probe object", f"drop {name}")
+        if "device" in given and opts["device"] != "auto" and resolve_device(opts["device"]) != model.device:
+            raise UsageError(
+                f"the probe lives on {model.device}, not {opts['device']}", "move the probe or drop device"
+            )
+        if "precision" in given and opts["precision"] != model.precision:
+            if storage_dtype(opts["precision"]) != model.dtype:
+                raise UsageError(
+                    f"precision {opts['precision']} does not fit a probe stored in {model.dtype}",
+                    "build the probe with the matching dtype (float64 for fp64, float32 otherwise)",
+                )
+            # The caller's probe is left as it was: the audit runs a copy at the requested precision.
+            model = copy.copy(model)
+            model.precision = opts["precision"]
+        return model
+    if not isinstance(model, str):
+        raise UsageError(
+            f"model must be a VectorFieldProbe or a reference string, got {type(model).__name__}",
+            "pass e.g. 'embedded:digits' or a probe",
+        )
+    from conservcheck.adapters.resolve import load_reference
+
+    probe = load_reference(
+        model,
+        revision=opts["revision"],
+        cache_dir=opts["cache_dir"],
+        device=resolve_device(opts["device"]),
+        dtype=storage_dtype(opts["precision"]),
+        trust_remote_code=opts["trust_remote_code"],
+    )
+    probe.precision = opts["precision"]
+    return probe
+
+
+def load(
+    model: str,
+    *,
+    device: str = "auto",
+    precision: str = "fp32",
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    trust_remote_code: bool = False,
+) -> VectorFieldProbe:
+    """A model reference as a :class:`VectorFieldProbe` (score units at canonical time).
+
+    ``model`` is what ``conservcheck audit`` takes: ``embedded:<name>``, a hub id ``owner/name[@rev]``, a
+    local folder or file, or ``module:factory``; the other arguments mean what the audit options of the
+    same names mean. Raises :class:`UsageError` / :class:`ModelLoadError` with a one-line message.
+    """
+    given = {
+        "device": device,
+        "precision": precision,
+        "revision": revision,
+        "cache_dir": cache_dir,
+        "trust_remote_code": trust_remote_code,
+    }
+    opts = resolve_options({k: v for k, v in given.items() if v is not None})
+    return load_model(model, opts, set(given))
+
+
+def _environment(probe: VectorFieldProbe) -> dict[str, Any]:
+    import numpy
+    import pandas
+
+    dev = probe.device
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "conservcheck": __version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "numpy": numpy.__version__,
+        "pandas": pandas.__version__,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else (platform.processor() or platform.machine()),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def _fingerprint(probe: VectorFieldProbe, opts: dict[str, Any], points: list[TimePoint], x0_sha: str) -> str:
+    numeric = {o.name: opts[o.name] for o in audit_options() if o.numeric}
+    blob = {
+        "schema": SCHEMA_VERSION,
+        "model": probe.describe(),
+        "options": numeric,
+        "time_points": [p.to_dict() for p in points],
+        "x0": x0_sha,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _with_hash(x0: Tensor, source: dict[str, Any], probe: VectorFieldProbe) -> tuple[Tensor, dict[str, Any]]:
+    x0 = x0.to(device=probe.device, dtype=probe.dtype)
+    return x0, {**source, "sha256": tensor_sha256(x0)}
+
+
+def audit(
+    model: VectorFieldProbe | str = DEFAULT_MODEL, *, progress: Progress | None = None, **options: Any
+) -> AuditReport:
+    """Audit a model: loop integrals, curl and (optionally) the Stein diagnostic at several time points.
+
+    Args:
+        model: a :class:`VectorFieldProbe`, or a reference string (``embedded:digits``, a hub id
+            ``owner/name``, a local folder or file, ``module:factory``).
+        progress: optional callback ``progress(done, total, description)`` (work in estimated model
+            evaluations) called as units finish.
+        **options: the audit options of :data:`conservcheck.runner.options.OPTIONS` (``paths``, ``curl``,
+            ``stein``, ``times`` / ``time_indices`` / ``sigmas``, ``n_samples``, ``n_points``, ``device``,
+            ``precision``, ``batch_size``, ``seed``, ``data``, ``revision``, ``cache_dir``,
+            ``trust_remote_code``, ``resume``, ``time_budget``, ``memory_budget``, ``shard``, ``block``,
+            ``n_probes``, ``n_vertices``, ``bridge_u``, ``sampler_steps``).
+    Returns:
+        the :class:`~conservcheck.report.audit_report.AuditReport` (with ``shard``, a partial report: the other
+        shards' units are ``skipped``; :func:`merge` combines the shards' files).
+    Raises:
+        UsageError / ModelLoadError for bad options or an unloadable model; :class:`AuditInterrupted`
+        on Ctrl-C (finished work is kept in the partial-results file).
+    """
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    opts = resolve_options(options)
+    probe = load_model(model, opts, set(options))
+    opts, cpu_scaled = device_defaults(opts, probe.device)
+    points = time_points(probe, opts["times"], opts["time_indices"], opts["sigmas"])
+    plan = plan_units(probe, opts, points)
+    # User data is read before anything is logged, so a mistake in it is the only line printed.
+    data = _with_hash(*load_data(opts["data"], probe, opts["n_samples"], opts["seed"]), probe) if opts["data"] else None
+    if cpu_scaled:
+        log.info(
+            "CPU-scaled defaults: %d samples per time point, %s nodes per loop (the paper: 256 and 1000; "
+            "set --samples / --points to change)",
+            opts["n_samples"],
+            opts["n_points"],
+        )
+    problems = list(check_probe(probe, seed=opts["seed"]).problems)
+    for p in problems:
+        log.warning("model contract: %s", p)
+    # The batch-size search runs a real forward pass: only after the contract check has seen the model.
+    batcher = Batcher(
+        opts["batch_size"],
+        probe,
+        cache_dir=cache_folder(opts["cache_dir"], "batch") if probe.device.type == "cuda" else None,
+    )
+    header = {
+        "tool": {"name": "conservcheck", "version": __version__},
+        "model": probe.describe(),
+        "process": probe.process.to_dict(),
+        "time_convention": probe.time_convention.to_dict(),
+        "time_points": [{"key": p.key, **p.to_dict()} for p in points],
+        "options": {**{o.name: opts[o.name] for o in audit_options() if o.numeric}, "cpu_scaled": cpu_scaled},
+        "environment": _environment(probe),
+    }
+    run_info: dict[str, Any] = {
+        "options": {o.name: opts[o.name] for o in audit_options() if not o.numeric},
+        "batch_size": batcher.batch_size,
+        "started_at": started.isoformat(timespec="seconds"),
+    }
+    shard, n_shards = shard_of(opts["shard"])
+    mine = [s for s in plan if s.group % n_shards == shard]
+    sampling_cost = 0.0 if data else float(opts["n_samples"] * opts["sampler_steps"])
+    total = sampling_cost + sum(s.cost for s in mine)
+    if data is not None:
+        x0, source = data
+        log.info("x0: %d samples from %s (%s)", len(x0), opts["data"], source["mapping"])
+    else:
+        if progress is not None:
+            progress(0.0, total, "drawing x0 from the model")
+        try:
+            x0, source = _with_hash(
+                *model_samples(
+                    probe,
+                    opts["n_samples"],
+                    opts["seed"],
+                    steps=opts["sampler_steps"],
+                    batcher=batcher,
+                    cache_dir=opts["cache_dir"],
+                ),
+                probe,
+            )
+        except Exception as err:
+            # Without x0 no diagnostic can run: the report says why (the model's own failure, not a crash).
+            msg = (
+                err.message
+                if isinstance(err, ProbeContractError)
+                else (
+                    f"sampling x0 from the model failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]} "
+                    "(pass clean samples with --data)"
+                )
+            )
+            problems.append(msg)
+            header.update(
+                data_source={"kind": "model", "error": msg}, jacobian_strategy={}, problems=problems, complete=False
+            )
+            return build_report(header, [], run_info, t0)
+    header["data_source"] = source
+    control = control_probe(probe, x0)
+    fingerprint = _fingerprint(probe, opts, points, source["sha256"])
+    explicit = opts["resume"] is not None
+    name = fingerprint[:20] + (f".shard{shard}of{n_shards}" if opts["shard"] else "")
+    path = Path(opts["resume"]).expanduser() if explicit else cache_folder(opts["cache_dir"], "runs") / f"{name}.jsonl"
+    head = {
+        "format": JOURNAL_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fingerprint,
+        "shard": opts["shard"],
+        "plan": [[s.key, s.group] for s in plan],
+        "header": json_safe(header),
+        "problems": problems,
+    }
+    journal = Journal.open(path, head, reuse=explicit)
+    reused = sum(s.key in journal.done for s in plan)
+    log.info("partial results: %s%s", path, f" ({reused} finished units reused)" if reused else "")
+    fields = {"model": probe, "control": control}
+    deadline = None if opts["time_budget"] is None else t0 + opts["time_budget"]
+    records: list[dict[str, Any]] = []
+    done_work = sampling_cost
+    try:
+        for spec in plan:
+            rec = journal.done.get(spec.key)
+            if rec is None and spec.group % n_shards != shard:
+                records.append(unit_record(spec, "skipped", SKIPPED_SHARD))
+                continue
+            if rec is None and deadline is not None and time.perf_counter() > deadline:
+                records.append(unit_record(spec, "skipped", SKIPPED_BUDGET))
+                continue
+            if rec is None:
+                rec = run_unit(spec, fields[spec.field], x0, opts["seed"], batcher)
+                journal.append(rec)
+            records.append(rec)
+            done_work += spec.cost
+            if progress is not None:
+                progress(done_work, total, f"{spec.diagnostic}.{spec.variant} {spec.field} {spec.time.key}")
+    except KeyboardInterrupt:
+        raise AuditInterrupted(path, journal.saved(), opts["shard"]) from None
+    complete = all(r["status"] != "skipped" for r in records)
+    header.update(jacobian_strategy=jacobian_strategies(records), problems=problems, complete=complete)
+    run_info.update(units_reused=reused, partial_results=str(path))
+    if opts["shard"]:
+        log.info(
+            "shard %s: %d of %d units are in %s; combine the %d shards' files with: conservcheck merge FILE... "
+            "--json OUT",
+            opts["shard"],
+            sum(r["status"] != "skipped" for r in records),
+            len(plan),
+            path,
+            n_shards,
+        )
+    report = build_report(header, records, run_info, t0)
+    if not explicit and complete:
+        path.unlink(missing_ok=True)
+    return report
+
+
+def _signature() -> inspect.Signature:
+    """``audit(model, *, progress, <every option>)`` with the table's defaults, for help() and IDEs."""
+    params = [
+        inspect.Parameter(
+            "model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DEFAULT_MODEL, annotation="VectorFieldProbe | str"
+        ),
+        inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Progress | None"),
+    ]
+    params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default) for o in audit_options()]
+    return inspect.Signature(params, return_annotation="AuditReport")
+
+
+audit.__signature__ = _signature()  # type: ignore[attr-defined]
+
+
+audit.__signature__ = _signature()  # type: ignore[attr-defined]
+
+__all__ = ["AuditInterrupted", "DEFAULT_MODEL", "audit", "load_model"]

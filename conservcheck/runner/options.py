@@ -1,0 +1,322 @@
+"""Every audit option in one table: its default, its CLI flag, its help text, its parser and its schema.
+
+:func:`conservcheck.audit` takes these options as keywords and the ``conservcheck audit`` command builds
+one flag per option from the same table, so the API and the CLI cannot drift apart. The table is the
+options of every registered diagnostic (and, through the loop-integral diagnostic, of every loop type),
+then the core options below (:data:`CORE_OPTIONS`).
+
+Defaults that depend on the device (``None`` in the table) are filled in by :func:`device_defaults`:
+the paper's 256 samples per time point and 1000 nodes per loop on a GPU, a *CPU-scaled* 32 samples and
+128 nodes on a CPU (the audit says so in its log and its report).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from conservcheck import diagnostics
+from conservcheck.diagnostics.loop_integral import CPU_POINTS, PAPER_POINTS
+from conservcheck.errors import UsageError
+from conservcheck.precision import MODES
+from conservcheck.settings import (
+    Option,
+    auto_or,
+    boolean,
+    choice,
+    device_name,
+    duration,
+    fail,
+    integer,
+    memory,
+    numbers,
+    optional_text,
+)
+
+PAPER_SAMPLES = 256
+CPU_SAMPLES = 32
+
+
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def _shard(value: Any) -> str | None:
+    """``i/n`` (0 ≤ i < n) from ``"1/4"`` or ``(1, 4)``; normalised to ``"1/4"``."""
+    if value is None:
+        return None
+    text = "/".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    m = _SHARD.match(text)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise fail(
+            "--shard", "i/n with 0 ≤ i < n, such as 0/4", value, "number the shards of an n-way split 0/n … (n-1)/n"
+        )
+    return f"{int(m.group(1))}/{int(m.group(2))}"
+
+
+def shard_of(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` → (i, n); no shard → (0, 1), the whole audit."""
+    if text is None:
+        return 0, 1
+    i, n = text.split("/")
+    return int(i), int(n)
+
+
+CORE_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "times",
+        None,
+        "--times",
+        "Canonical times t (OU time; σ for VE; flow time), comma-separated.",
+        numbers("--times", False),
+        "T,T,...",
+        schema={"type": ["array", "null"], "items": {"type": "number"}},
+    ),
+    Option(
+        "time_indices",
+        None,
+        "--time-indices",
+        "Native indices k of a discrete schedule, comma-separated or start:stop:step.",
+        numbers("--time-indices", True),
+        "K,K,...",
+        shown="10,100,250,500,750,990 for T=1000",
+        schema={"type": ["array", "null"], "items": {"type": "integer"}},
+    ),
+    Option(
+        "sigmas",
+        None,
+        "--sigmas",
+        "Noise levels σ (snapped to the nearest index on a discrete schedule).",
+        numbers("--sigmas", False),
+        "S,S,...",
+        schema={"type": ["array", "null"], "items": {"type": "number"}},
+    ),
+    Option(
+        "n_samples",
+        None,
+        "--samples",
+        "Samples (loops, probe points) per time point.",
+        integer("--samples", 1),
+        "N",
+        shown=f"{PAPER_SAMPLES} on GPU, {CPU_SAMPLES} on CPU",
+        schema={"type": "integer", "minimum": 1},
+    ),
+    Option(
+        "device",
+        "auto",
+        "--device",
+        "Device: auto (cuda if available), cpu, cuda, cuda:N.",
+        device_name,
+        "DEVICE",
+        schema={"type": "string"},
+    ),
+    Option(
+        "precision",
+        "fp32",
+        "--precision",
+        "Forward-pass precision.",
+        choice("--precision", MODES),
+        "|".join(MODES),
+        schema={"enum": list(MODES)},
+    ),
+    Option(
+        "batch_size",
+        "auto",
+        "--batch-size",
+        "Model batch size, or auto.",
+        auto_or(integer("--batch-size", 1)),
+        "N|auto",
+        numeric=False,
+    ),
+    Option(
+        "seed",
+        0,
+        "--seed",
+        "Seed of every random draw (results do not depend on batch size).",
+        integer("--seed", 0),
+        "N",
+        schema={"type": "integer", "minimum": 0},
+    ),
+    Option(
+        "data",
+        None,
+        "--data",
+        "Clean samples x0: a folder of images, an .npy/.npz/.pt array, or a table file (local or hf://); "
+        "default: samples drawn from the model.",
+        optional_text,
+        "PATH",
+        shown="samples from the model",
+        schema={"type": ["string", "null"]},
+    ),
+    Option(
+        "revision",
+        None,
+        "--revision",
+        "Hub revision (branch, tag or commit) of MODEL.",
+        optional_text,
+        "REV",
+        schema={"type": ["string", "null"]},
+    ),
+    Option(
+        "cache_dir",
+        None,
+        "--cache-dir",
+        "Cache folder for hub downloads, model samples and partial results.",
+        optional_text,
+        "DIR",
+        shown="the Hugging Face cache",
+        numeric=False,
+    ),
+    Option(
+        "trust_remote_code",
+        False,
+        "--trust-remote-code",
+        "Allow loading checkpoints that execute code (pickles, custom classes).",
+        boolean,
+        "",
+        is_flag=True,
+        schema={"type": "boolean"},
+    ),
+    Option(
+        "resume",
+        None,
+        "--resume",
+        "Partial-results file (JSON lines): its finished units are reused and new ones appended to it "
+        "(default: a file in the cache folder, named in the log, removed once the audit completes).",
+        optional_text,
+        "PATH",
+        numeric=False,
+        shown="a file in the cache folder",
+    ),
+    Option(
+        "time_budget",
+        None,
+        "--time-budget",
+        "Start no new unit after this long (90s, 30m, 2h); the rest are reported as skipped and --resume "
+        "finishes them.",
+        duration,
+        "DURATION",
+        numeric=False,
+    ),
+    Option(
+        "memory_budget",
+        None,
+        "--memory-budget",
+        "Approximate memory for the loop nodes, weights and sums held at once (512MB, 4GB); model activations "
+        "are bounded by the batch size.",
+        memory,
+        "SIZE",
+        numeric=False,
+    ),
+    Option(
+        "shard",
+        None,
+        "--shard",
+        "Run only shard i of n (0 ≤ i < n) of the audit's units and save them to the partial-results file; "
+        "combine the n files with conservcheck merge (docs/distributed.md).",
+        _shard,
+        "I/N",
+        numeric=False,
+    ),
+    Option(
+        "n_probes",
+        16,
+        "--probes",
+        "Random probe vectors per sample (Hutchinson curl, Stein divergence).",
+        integer("--probes", 3),
+        "N",
+        schema={"type": "integer"},
+    ),
+    Option(
+        "sampler_steps",
+        50,
+        "--sampler-steps",
+        "Steps of the deterministic probability-flow sampler when x0 is drawn from the model.",
+        integer("--sampler-steps", 2),
+        "N",
+        schema={"type": "integer"},
+    ),
+)
+
+
+@lru_cache(maxsize=1)
+def audit_options() -> tuple[Option, ...]:
+    """The whole table: every registered diagnostic's options (registration order), then the core ones."""
+    table: dict[str, Option] = {}
+    for spec in diagnostics.registered().values():
+        for o in spec.options:
+            table.setdefault(o.name, o)
+    for o in CORE_OPTIONS:
+        if o.name in table:
+            raise RuntimeError(f"a diagnostic redefines the core audit option {o.name!r}")
+        table[o.name] = o
+    return tuple(table.values())
+
+
+def option(name: str) -> Option:
+    """The audit option called ``name``."""
+    for o in audit_options():
+        if o.name == name:
+            return o
+    raise KeyError(name)
+
+
+def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
+    """All options with defaults filled in and every given value parsed; unknown names raise."""
+    table = audit_options()
+    names = [o.name for o in table]
+    unknown = [k for k in options if k not in names]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "valid options: " + ", ".join(names)
+        raise UsageError(f"unknown audit option {unknown[0]!r}", hint)
+    out: dict[str, Any] = {}
+    for opt in table:
+        value = options.get(opt.name, opt.default)
+        out[opt.name] = value if value is None or value is opt.default else opt.parse(value)
+    if sum(out[k] is not None for k in ("times", "time_indices", "sigmas")) > 1:
+        raise UsageError("--times, --time-indices and --sigmas were combined", "choose time points one way")
+    if not any(spec.selected(out) for spec in diagnostics.registered().values()):
+        raise UsageError(
+            "nothing to audit: no loop path, no curl variant and no Stein reference",
+            "pass --paths rotation or --curl subjacobian",
+        )
+    return out
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; a cuda device that is not available raises."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available", "use --device cpu or auto")
+    return dev
+
+
+def device_defaults(options: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], bool]:
+    """Fill the device-dependent defaults; returns (options, whether CPU-scaled defaults were used)."""
+    out = dict(options)
+    on_cpu = device.type == "cpu"
+    scaled = False
+    if out["n_samples"] is None:
+        out["n_samples"] = CPU_SAMPLES if on_cpu else PAPER_SAMPLES
+        scaled |= on_cpu
+    if out["n_points"] is None:
+        out["n_points"] = CPU_POINTS if on_cpu else PAPER_POINTS
+        scaled |= on_cpu
+    return out, scaled
+
+
+__all__ = [
+    "CORE_OPTIONS",
+    "audit_options",
+    "device_defaults",
+    "option",
+    "resolve_device",
+    "resolve_options",
+    "shard_of",
+]

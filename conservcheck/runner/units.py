@@ -1,0 +1,158 @@
+"""Units: one diagnostic variant at one time point on one field, planned, run and recorded.
+
+An audit runs every planned variant of every registered diagnostic (:mod:`conservcheck.diagnostics`) at
+every time point on two *fields*: ``model`` (the audited probe) and ``control`` (:func:`control_probe`,
+an exactly conservative Gaussian score evaluated on the very same loops and probe vectors, whose values
+are the audit's numerical floor). A *group* is one (diagnostic, variant, time point): its model unit and
+its control unit, numbered in plan order (the unit of sharding). Each finished unit becomes a JSON-ready
+record: its key, field, diagnostic, variant, time point, status (ok / nonfinite / error / skipped),
+message, per-sample values and meta.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from conservcheck import diagnostics
+from conservcheck.analytic.fields import GaussianMixture
+from conservcheck.batching import Batcher
+from conservcheck.diagnostics import RunFn
+from conservcheck.errors import ProbeContractError
+from conservcheck.files import json_safe
+from conservcheck.probe import ProbeInfo, VectorFieldProbe
+from conservcheck.report import AuditReport
+from conservcheck.timepoints import TimePoint
+
+log = logging.getLogger("conservcheck")
+
+#: Relative cost of a unit on the analytic control field (for the progress bar only).
+CONTROL_COST = 0.02
+
+
+@dataclass
+class UnitSpec:
+    """One planned unit: which diagnostic variant runs on which field at which time point."""
+
+    field: str
+    diagnostic: str
+    variant: str
+    time: TimePoint
+    run: RunFn
+    kwargs: dict[str, Any]
+    cost: float
+    group: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.field}/{self.diagnostic}/{self.variant}/{self.time.key}"
+
+
+def control_probe(probe: VectorFieldProbe, x0: Tensor) -> VectorFieldProbe:
+    """The exact score of N(mean(x0), diag var(x0)) under the probe's process, as a probe in the same
+    dtype, device and precision: a conservative field of the model's scale (the numerical floor)."""
+    flat = x0.detach().to("cpu", torch.float64).reshape(x0.shape[0], -1)
+    gauss = GaussianMixture(
+        flat.mean(0, keepdim=True),
+        flat.std(0, unbiased=False, keepdim=True),
+        process=probe.process,
+        sample_shape=probe.sample_shape,
+    )
+    return VectorFieldProbe(
+        gauss.score,
+        process=probe.process,
+        sample_shape=probe.sample_shape,
+        parameterization="score",
+        data_range=probe.data_range,
+        device=probe.device,
+        dtype=probe.dtype,
+        precision=probe.precision,
+        info=ProbeInfo(name="gaussian-control", adapter="control"),
+    )
+
+
+def plan_units(probe: VectorFieldProbe, opts: dict[str, Any], points: list[TimePoint]) -> list[UnitSpec]:
+    """Units in run order: for each time point, each registered diagnostic's planned variants, the model
+    unit then (for a controlled variant) its control unit; a group's index is in ``UnitSpec.group``."""
+    variants = [(name, v) for name, spec in diagnostics.registered().items() for v in spec.plan(opts, probe)]
+    plan: list[UnitSpec] = []
+    groups = ((tp, item) for tp in points for item in variants)
+    for group, (tp, (diag, v)) in enumerate(groups):
+        plan.append(UnitSpec("model", diag, v.name, tp, v.run, v.kwargs, v.cost, group))
+        if v.controlled:
+            plan.append(UnitSpec("control", diag, v.name, tp, v.run, v.kwargs, v.cost * CONTROL_COST, group))
+    return plan
+
+
+def unit_record(spec: UnitSpec, status: str, message: str | None = None) -> dict[str, Any]:
+    """A unit's record without values (the form of a skipped or failed unit)."""
+    return {
+        "key": spec.key,
+        "field": spec.field,
+        "diagnostic": spec.diagnostic,
+        "variant": spec.variant,
+        "time": {"key": spec.time.key, **spec.time.to_dict()},
+        "status": status,
+        "message": message,
+        "values": {},
+        "meta": {},
+    }
+
+
+def run_unit(spec: UnitSpec, probe: VectorFieldProbe, x0: Tensor, seed: int, batcher: Batcher) -> dict[str, Any]:
+    """Run one unit and return its JSON-ready record (status ok / nonfinite / error)."""
+    try:
+        result = spec.run(probe, x0, spec.time, seed=seed, batcher=batcher, **spec.kwargs)
+    except Exception as err:
+        # A model that raises at this time point (its own code, or out of memory even at batch size 1) is
+        # reported there and the audit goes on; Ctrl-C (not an Exception) still stops it.
+        log.debug("unit %s raised", spec.key, exc_info=True)
+        msg = err.message if isinstance(err, ProbeContractError) else f"{type(err).__name__}: {err}"
+        return unit_record(spec, "error", (msg.splitlines() or [type(err).__name__])[0])
+    values = {k: v.detach().to("cpu", torch.float64) for k, v in result.values.items()}
+    for col in diagnostics.get(spec.diagnostic).abs_columns:
+        if col in values:
+            values[f"abs_{col}"] = values[col].abs()
+    bad = torch.zeros(len(x0), dtype=torch.bool)
+    for v in values.values():
+        bad |= ~torch.isfinite(v)
+    record = unit_record(spec, "ok")
+    if bool(bad.any()):
+        record.update(
+            status="nonfinite",
+            message=f"NaN/Inf values in {int(bad.sum())} of {len(x0)} samples (the model's output is not finite there)",
+        )
+    record.update(values={k: v.tolist() for k, v in values.items()}, meta=json_safe(result.meta))
+    # The exact floats a resumed audit reads back from the partial-results file.
+    return json.loads(json.dumps(record))
+
+
+def jacobian_strategies(units: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Jacobian / divergence strategy each model diagnostic used (from the units' meta)."""
+    out: dict[str, Any] = {}
+    for u in units:
+        for key in ("strategy", "divergence"):
+            value = u.get("meta", {}).get(key)
+            if u["field"] == "model" and value is not None:
+                out.setdefault(f"{u['diagnostic']}.{u['variant']}", value)
+    return out
+
+
+def build_report(
+    header: dict[str, Any], records: list[dict[str, Any]], run_info: dict[str, Any], t0: float
+) -> AuditReport:
+    """The report of ``records`` under ``header``; ``run_info`` gains the finish time and the wall time since ``t0``."""
+    run_info.update(
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        wall_time_s=round(time.perf_counter() - t0, 3),
+    )
+    report = AuditReport.from_units(header, records, run_info)
+    log.info("verdict %s", report.verdict)
+    return report

@@ -1,0 +1,175 @@
+"""Clean samples drawn from the model itself with a deterministic probability-flow sampler, cached on disk.
+
+When an audit has no ``--data``, its x0 are the model's own samples: the probability-flow ODE integrated
+from nearly pure noise to clean data with DPM-Solver++(2M) (Lu et al. 2022), a second-order multistep
+scheme with one model evaluation per step whose first step is DDIM (η = 0). With λ = log(α/σ),
+h_i = λ_i − λ_{i−1} and the model's clean-data prediction D = x̂0 = (x + σ² s)/α at each time,
+
+    x_i = (σ_i/σ_{i−1}) x_{i−1} + α_i (1 − e^{−h_i}) D̃,   D̃ = (1 + 1/(2r)) D_{i−1} − 1/(2r) D_{i−2},
+
+with r = h_{i−1}/h_i (D̃ = D_{i−1} on the first step, which is exactly DDIM); the sample is the last x̂0.
+This holds for any Gaussian process (VP, VE, flow). Times: every native index of a discrete schedule
+from T−1 down to 0, ``steps`` of them evenly spaced; otherwise ``steps`` times evenly spaced in λ from
+nearly pure noise to nearly clean data (:func:`conservcheck.timepoints.noise_span`). No clipping: the samples
+are what the field itself transports. The starting noise of sample i comes from the stream
+(seed, "sampler", i), so a sample never depends on the batch it ran in.
+
+Samples are cached (``.npy`` + a JSON key file) under huggingface_hub's assets cache,
+``cached_assets_path("conservcheck", subfolder="samples")``, or ``<cache_dir>/conservcheck/default/samples``;
+the file name is the SHA-256 of everything that decides the samples — the probe's identity (reference,
+revision, weights SHA-256, adapter, parameterization, process, time convention, shape, data range, dtype,
+precision, device type), n, seed and the sampler's name, version and steps — and the key file is compared
+in full on every read, so a stale entry can never be returned. Probes without a weights hash (analytic
+fields, plain callables) are never cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from conservcheck import rng
+from conservcheck.batching import Batcher, evaluate
+from conservcheck.errors import ProbeContractError
+from conservcheck.files import cache_folder, write_atomic
+from conservcheck.probe import VectorFieldProbe
+from conservcheck.process import log_snr_grid
+from conservcheck.timepoints import noise_span
+
+log = logging.getLogger("conservcheck")
+
+SAMPLER = "dpmpp_2m"
+SAMPLER_VERSION = 1
+
+
+def time_grid(probe: VectorFieldProbe, steps: int) -> Tensor:
+    """Canonical times of the sampler, from noisy to clean: [steps] float64 (≥ 2 distinct times).
+
+    Every native index of a discrete schedule from T−1 to 0, ``steps`` of them evenly spaced; otherwise
+    ``steps`` times evenly spaced in log-SNR over :func:`~conservcheck.timepoints.noise_span`.
+    """
+    conv = probe.time_convention
+    if conv.discrete:
+        k = torch.linspace(conv.num_steps - 1, 0, steps, dtype=torch.float64).round().unique_consecutive()
+        return conv.to_canonical(k)
+    return log_snr_grid(probe.process, *noise_span(probe), steps)
+
+
+def sample(probe: VectorFieldProbe, n: int, seed: int, steps: int = 50, batcher: Batcher | None = None) -> Tensor:
+    """n samples [n, *sample_shape] in the probe's dtype and device (see the module doc).
+
+    Raises :class:`ProbeContractError` when the model's output turns NaN/Inf along the way.
+    """
+    batcher = batcher if batcher is not None else Batcher("auto", probe)
+    proc = probe.process
+    ts = time_grid(probe, steps)
+    alpha, sigma = proc.alpha(ts), proc.sigma(ts)
+    lam = torch.log(alpha / sigma)
+    lo, hi = probe.data_range
+    eps0 = torch.stack([rng.normal(probe.sample_shape, seed, "sampler", i, dtype=probe.dtype) for i in range(n)])
+    x = (float(alpha[0]) * 0.5 * (lo + hi) + float(sigma[0]) * eps0).to(probe.device)
+    prev: Tensor | None = None
+    for i, t in enumerate(ts):
+        score = evaluate(probe, x, float(t), batcher=batcher)
+        if not bool(torch.isfinite(score).all()):
+            raise ProbeContractError(
+                f"sampling from the model produced NaN/Inf at t = {float(t):.4g}",
+                "pass clean samples with --data, or check the model",
+            )
+        pred = (x + float(sigma[i]) ** 2 * score) / float(alpha[i])
+        if i + 1 == len(ts):
+            break
+        h = float(lam[i + 1] - lam[i])
+        d = pred
+        if prev is not None:
+            r = float(lam[i] - lam[i - 1]) / h
+            d = (1 + 0.5 / r) * pred - (0.5 / r) * prev
+        x = float(sigma[i + 1] / sigma[i]) * x + float(alpha[i + 1]) * -math.expm1(-h) * d
+        prev = pred
+    return pred
+
+
+def _key(probe: VectorFieldProbe, n: int, seed: int, steps: int) -> dict[str, Any] | None:
+    info = probe.info
+    if not info.weights_sha256:
+        return None
+    return {
+        "reference": info.reference,
+        "revision": info.revision,
+        "weights_sha256": info.weights_sha256,
+        "adapter": info.adapter,
+        "parameterization": probe.parameterization,
+        "process": probe.process.to_dict(),
+        "time_convention": probe.time_convention.to_dict(),
+        "sample_shape": list(probe.sample_shape),
+        "data_range": list(probe.data_range),
+        "dtype": str(probe.dtype),
+        "precision": probe.precision,
+        "device": probe.device.type,
+        "n": n,
+        "seed": seed,
+        "sampler": {"name": SAMPLER, "version": SAMPLER_VERSION, "steps": steps},
+    }
+
+
+def _write(folder: Path, name: str, x: Tensor, key: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    np.save(buf, x.detach().cpu().numpy(), allow_pickle=False)
+    write_atomic(folder / f"{name}.npy", buf.getvalue())
+    write_atomic(folder / f"{name}.json", json.dumps(key, sort_keys=True))
+
+
+def _read(folder: Path, name: str, key: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray | None:
+    try:
+        stored = json.loads((folder / f"{name}.json").read_text())
+        arr = np.load(folder / f"{name}.npy", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if stored != json.loads(json.dumps(key, sort_keys=True)) or arr.shape != shape or not np.isfinite(arr).all():
+        return None
+    return arr
+
+
+def model_samples(
+    probe: VectorFieldProbe,
+    n: int,
+    seed: int,
+    *,
+    steps: int = 50,
+    batcher: Batcher | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """x0 drawn from the model (cached when the probe has a weights hash) and a source description.
+
+    Returns:
+        (x0 [n, *sample_shape] in the probe's dtype on its device, {"kind": "model", "sampler", ...}).
+    """
+    key = _key(probe, n, seed, steps)
+    source: dict[str, Any] = {"kind": "model", "sampler": SAMPLER, "steps": steps, "n": n}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest() if key else None
+    folder = cache_folder(cache_dir) if key else None
+    if folder is not None and name is not None:
+        arr = _read(folder, name, key, (n, *probe.sample_shape))
+        if arr is not None:
+            log.info("x0: %d model samples read from the cache (%s)", n, folder / f"{name}.npy")
+            return torch.from_numpy(arr).to(device=probe.device, dtype=probe.dtype), source
+    log.info("x0: drawing %d samples from the model (deterministic DPM-Solver++(2M), %d steps)", n, steps)
+    x = sample(probe, n, seed, steps, batcher)
+    if folder is not None and name is not None:
+        try:
+            _write(folder, name, x, key)
+        except OSError as err:
+            log.warning("could not cache model samples in %s: %s", folder, err)
+    return x, source
+
+
+__all__ = ["model_samples", "sample", "time_grid"]
