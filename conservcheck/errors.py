@@ -47,10 +47,16 @@ def error_chain(err: BaseException) -> list[BaseException]:
 
 
 def reason(err: BaseException) -> str:
-    """``Type: first sentence`` of an exception, for one-line messages (torch's weights-only errors give
-    their ``WeightsUnpickler error`` part)."""
+    """``Type: first line`` of an exception, for one-line messages (at most 240 characters of it).
+
+    torch's weights-only unpickling errors give their ``WeightsUnpickler error`` part, up to its first
+    sentence (the rest is advice on ``torch.load`` that does not apply here).
+    """
     text = str(err)
     m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    line = m.group(1) if m else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = line.split(". ")[0].strip()[:200]
+    if m:
+        line = m.group(1).split(". ")[0]
+    else:
+        line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = line.strip()[:240]
     return f"{type(err).__name__}: {line}" if line else type(err).__name__

@@ -36,6 +36,31 @@ ALIASES = {
 }
 
 
+#: Each conversion as a formula in the process's α and σ ({alpha}, {sigma}); (parameterization, process)
+#: entries hold the reduced forms of the module doc (OU/VP: α² + σ² = 1; rectified flow: α = 1 − t, σ = t).
+CONVERSIONS: dict[str | tuple[str, str], str] = {
+    "score": "s = out",
+    "epsilon": "s = -eps_hat / {sigma}",
+    "x0": "s = ({alpha} x0_hat - x) / {sigma}^2",
+    "v": "eps_hat = ({alpha} v_hat + {sigma} x) / ({alpha}^2 + {sigma}^2), s = -eps_hat / {sigma}",
+    "velocity": (
+        "eps_hat = ({alpha} v_hat - {alpha}' x) / ({alpha} {sigma}' - {sigma} {alpha}'), s = -eps_hat / {sigma}"
+    ),
+    ("v", "ou"): "s = -x - ({alpha} / {sigma}) v_hat",
+    ("velocity", "flow"): "eps_hat = x + (1 - t) v_hat, s = -eps_hat / t",
+}
+
+
+def conversion(parameterization: str, process: str | None = None, alpha: str = "alpha", sigma: str = "sigma") -> str:
+    """The conversion :func:`to_score` applies, as a formula for reports (``alpha`` and ``sigma`` name α and σ
+    the way the model's family writes them, e.g. ``sqrt(alpha_bar_k)``)."""
+    kind = canonical_name(parameterization)
+    formula = CONVERSIONS.get((kind, process or ""), CONVERSIONS[kind])
+    if alpha == "1":
+        formula = formula.replace("{alpha} ", "")
+    return formula.format(alpha=alpha, sigma=sigma)
+
+
 def canonical_name(parameterization: str) -> str:
     """Normalise a parameterization name (``sample`` → ``x0``, ``v_prediction`` → ``v``, ...)."""
     try:

@@ -18,7 +18,7 @@ import warnings
 from typing import Any
 
 from conservcheck import plugins
-from conservcheck.errors import ModelLoadError
+from conservcheck.errors import ModelLoadError, reason
 
 GROUP = "conservcheck.adapters"
 
@@ -46,7 +46,7 @@ def get(name: str) -> Any:
                 return entry.load()
             except Exception as err:
                 raise ModelLoadError(
-                    f"the {name!r} adapter could not be imported ({type(err).__name__}: {err})",
+                    f"the {name!r} adapter could not be imported ({reason(err)})",
                     "reinstall the package that provides it",
                 ) from err
     names = ", ".join(e.name for e in registered())
@@ -62,7 +62,7 @@ def detect(path: pathlib.Path) -> tuple[Any | None, list[str]]:
     broken: list[str] = []
 
     def skip(entry: plugins.Entry, err: BaseException) -> None:
-        item = f"{entry.name} ({type(err).__name__}: {err})"
+        item = f"{entry.name} ({reason(err)})"
         broken.append(item)
         warnings.warn(f"conservcheck: adapter skipped: {item}", RuntimeWarning, stacklevel=3)
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from conservcheck.adapters.weights import WeightsFiles, check_safetensors, find_weights, hash_files
 from conservcheck.errors import ModelLoadError, UsageError, error_chain, reason
+from conservcheck.parameterization import conversion
 from conservcheck.process import DiscreteSchedule, OUProcess, Process, TimeConvention, VEProcess
 from conservcheck.safe_load import DAMAGED_HINT, TRUST_HINT, unsafe_global
 
@@ -26,11 +27,6 @@ VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
 SUPPORTED_SCHEDULERS = DDPM_SCHEDULERS + VE_SCHEDULERS
 
 PARAMETERIZATION = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
-CONVERSION = {
-    "epsilon": "s = -eps_hat / sqrt(1 - alpha_bar_k)",
-    "x0": "s = (sqrt(alpha_bar_k) x0_hat - x) / (1 - alpha_bar_k)",
-    "v": "s = -x - sqrt(alpha_bar_k / (1 - alpha_bar_k)) v_hat",
-}
 OPTIONS = ("precision", "variant")
 
 
@@ -126,7 +122,7 @@ def scheduler_units(config: dict[str, Any], source: str = "the scheduler config"
                 "native_time": "sigma (noise standard deviation), float tensor [B]",
                 "native_range": [smin, smax],
                 "output": "score (the UNet divides by sigma)",
-                "conversion": "s = out",
+                "conversion": conversion("score"),
             },
         )
     if name not in DDPM_SCHEDULERS:
@@ -171,7 +167,7 @@ def scheduler_units(config: dict[str, Any], source: str = "the scheduler config"
             "native_time": "DDPM index k (alpha_bar_k = prod_{i<=k} (1 - beta_i)), float tensor [B]",
             "native_range": [0, int(alphas_cumprod.numel()) - 1],
             "output": param,
-            "conversion": CONVERSION[param],
+            "conversion": conversion(param, "ou", alpha="sqrt(alpha_bar_k)", sigma="sqrt(1 - alpha_bar_k)"),
         },
     )
 

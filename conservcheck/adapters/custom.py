@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from conservcheck.errors import ConservcheckError, ModelLoadError, UsageError
-from conservcheck.parameterization import canonical_name
+from conservcheck.errors import ConservcheckError, ModelLoadError, UsageError, reason
+from conservcheck.parameterization import canonical_name, conversion
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
 from conservcheck.process import DiscreteSchedule, Process, TimeConvention, VPSDETime, get_process
 
@@ -49,13 +49,6 @@ TIME_CONVENTIONS: dict[str, Callable[[], TimeConvention]] = {
 }
 REQUIRED = ("parameterization", "process", "sample_shape")
 OPTIONAL = ("time_convention", "data_range", "precision", "name")
-CONVERSIONS = {
-    "score": "s = out",
-    "epsilon": "s = -eps_hat / sigma",
-    "x0": "s = (alpha x0_hat - x) / sigma^2",
-    "v": "eps_hat = (alpha v_hat + sigma x) / (alpha^2 + sigma^2), s = -eps_hat / sigma",
-    "velocity": "eps_hat = (alpha v_hat - alpha' x) / (alpha sigma' - sigma alpha'), s = -eps_hat / sigma",
-}
 _RECIPE = "return VectorFieldProbe(...) or (model, dict(parameterization=..., process=..., sample_shape=...))"
 
 
@@ -98,12 +91,12 @@ def _import(module: str) -> Any:
             sys.path.append(cwd)
             return _import(module)
         raise ModelLoadError(
-            f"cannot import {module!r} ({type(err).__name__}: {err})",
+            f"cannot import {module!r} ({reason(err)})",
             "install the package, or run from (or put on PYTHONPATH) the folder that holds the module",
         ) from err
     except Exception as err:
         raise ModelLoadError(
-            f"importing {module!r} failed ({type(err).__name__}: {err})",
+            f"importing {module!r} failed ({reason(err)})",
             "import the module directly to see the traceback",
         ) from err
 
@@ -136,7 +129,7 @@ def _call(factory: Callable[..., Any], spec: str, device: Any, dtype: torch.dtyp
         raise
     except Exception as err:
         raise ModelLoadError(
-            f"factory {spec} raised {type(err).__name__}: {err}",
+            f"factory {spec} raised {reason(err)}",
             "call the factory directly to see the traceback",
         ) from err
 
@@ -186,7 +179,7 @@ def from_declaration(
             "native_time": time.to_dict(),
             "output": param,
             "data_range": list(data_range),
-            "conversion": CONVERSIONS[param],
+            "conversion": conversion(param),
         },
     )
     return VectorFieldProbe(

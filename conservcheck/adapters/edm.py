@@ -48,6 +48,7 @@ from torch import Tensor
 from conservcheck.adapters._diffusers import check_options
 from conservcheck.adapters.weights import hash_files, single_file
 from conservcheck.errors import ModelLoadError, UsageError, reason
+from conservcheck.parameterization import conversion
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
 from conservcheck.process import TimeConvention, VEProcess
 from conservcheck.safe_load import pickle_names
@@ -268,7 +269,7 @@ def wrap(
     info.extra.setdefault("native_time", "sigma (noise standard deviation; x = y + sigma n)")
     info.extra.setdefault("output", "denoised D(x; sigma)")
     info.extra.setdefault("data_range", list(data_range))
-    info.extra.setdefault("conversion", "s = (D(x; sigma) - x) / sigma^2")
+    info.extra.setdefault("conversion", conversion("x0", alpha="1").replace("x0_hat", "D(x; sigma)"))
     return VectorFieldProbe(
         fn,
         process=VEProcess(),

@@ -27,6 +27,7 @@ import torch
 
 from conservcheck.adapters.weights import hash_files
 from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.parameterization import conversion
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
 from conservcheck.process import OUProcess, TimeConvention
 
@@ -125,7 +126,7 @@ def _load_funnel(device: torch.device | str, dtype: torch.dtype, options: dict[s
             "family": "mlp",
             "native_time": "canonical OU time t",
             "output": "epsilon",
-            "conversion": "s = -eps_hat / sqrt(1 - exp(-2t))",
+            "conversion": conversion("epsilon", sigma="sqrt(1 - exp(-2t))"),
             "data_range": list(FUNNEL_DATA_RANGE),
             "data_range_nominal": True,
             "weights_files": per_file,

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from conservcheck.adapters._diffusers import UNetField, check_options, layout, load_unet, read_json, sample_shape
 from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.parameterization import conversion
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
 from conservcheck.process import FlowProcess, TimeConvention
 
@@ -100,7 +101,7 @@ def wrap(
     info.extra.setdefault("native_time", f"{time_scale:g} * (1 - t)" if data_at_1 else f"{time_scale:g} * t")
     info.extra.setdefault("output", "velocity x0 - eps (negated)" if data_at_1 else "velocity eps - x0")
     info.extra.setdefault("data_range", list(data_range))
-    info.extra.setdefault("conversion", "eps_hat = x + (1 - t) v_hat, s = -eps_hat / t")
+    info.extra.setdefault("conversion", conversion("velocity", "flow"))
     return VectorFieldProbe(
         Negated(fn) if data_at_1 else fn,
         process=FlowProcess(),

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from conservcheck.errors import ModelLoadError, error_chain
+from conservcheck.errors import ModelLoadError, error_chain, reason
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -239,8 +239,7 @@ def explain(
         )
     if find(LocalEntryNotFoundError) is not None:
         return unreachable
-    first = str(err).splitlines()[0] if str(err) else ""
     return ModelLoadError(
-        f"could not fetch {repo_id} from the Hub ({type(err).__name__}: {first})",
+        f"could not fetch {repo_id} from the Hub ({reason(err)})",
         "check the hub id and the network, or pass a local folder",
     )

@@ -50,7 +50,7 @@ def find_weights(
                 shards = sorted({str(s) for s in json.loads(index.read_text())["weight_map"].values()})
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise ModelLoadError(
-                    f"the shard index {index} is damaged ({type(err).__name__}: {err})",
+                    f"the shard index {index} is damaged ({reason(err)})",
                     "download the model again or re-save it with save_pretrained",
                 ) from err
             return WeightsFiles(tuple(folder / s for s in shards), fmt)

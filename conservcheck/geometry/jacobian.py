@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from conservcheck import rng
-from conservcheck.errors import ProbeContractError, UsageError
+from conservcheck.errors import ProbeContractError, UsageError, reason
 from conservcheck.precision import PRECISIONS, check_mode
 
 Field = Callable[[Tensor, Tensor], Tensor]
@@ -230,11 +230,6 @@ def _rel(a: Tensor, ref: Tensor) -> Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, 1), torch.zeros_like(num))
 
 
-def _reason(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:240] if lines else ''}"
-
-
 def check_tolerance(rel_step: float, reference_error: float) -> float:
     """Largest relative deviation from the central-difference check that still passes.
 
@@ -299,7 +294,7 @@ def select_strategy(
         try:
             jv, jtv = jvp_vjp(fn, x, t, v, name)
         except Exception as err:  # any failure of a differentiation rule rejects the candidate
-            rejected[name] = _reason(err)
+            rejected[name] = reason(err)
             continue
         if not (bool(torch.isfinite(jv).all()) and bool(torch.isfinite(jtv).all())):
             rejected[name] = "non-finite products where the field is finite"

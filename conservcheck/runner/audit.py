@@ -39,7 +39,7 @@ from torch import Tensor
 
 from conservcheck.batching import Batcher
 from conservcheck.contract import check_probe
-from conservcheck.errors import ProbeContractError, UsageError
+from conservcheck.errors import ProbeContractError, UsageError, reason
 from conservcheck.files import cache_folder, json_safe
 from conservcheck.precision import storage_dtype
 from conservcheck.probe import VectorFieldProbe
@@ -272,10 +272,7 @@ def audit(
             msg = (
                 err.message
                 if isinstance(err, ProbeContractError)
-                else (
-                    f"sampling x0 from the model failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]} "
-                    "(pass clean samples with --data)"
-                )
+                else (f"sampling x0 from the model failed: {reason(err)} (pass clean samples with --data)")
             )
             problems.append(msg)
             header.update(

@@ -25,7 +25,7 @@ from conservcheck import diagnostics
 from conservcheck.analytic.fields import GaussianMixture
 from conservcheck.batching import Batcher
 from conservcheck.diagnostics import RunFn
-from conservcheck.errors import ProbeContractError
+from conservcheck.errors import ProbeContractError, reason
 from conservcheck.files import json_safe
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
 from conservcheck.report import AuditReport
@@ -114,7 +114,7 @@ def run_unit(spec: UnitSpec, probe: VectorFieldProbe, x0: Tensor, seed: int, bat
         # A model that raises at this time point (its own code, or out of memory even at batch size 1) is
         # reported there and the audit goes on; Ctrl-C (not an Exception) still stops it.
         log.debug("unit %s raised", spec.key, exc_info=True)
-        msg = err.message if isinstance(err, ProbeContractError) else f"{type(err).__name__}: {err}"
+        msg = err.message if isinstance(err, ProbeContractError) else reason(err)
         return unit_record(spec, "error", (msg.splitlines() or [type(err).__name__])[0])
     values = {k: v.detach().to("cpu", torch.float64) for k, v in result.values.items()}
     for col in diagnostics.get(spec.diagnostic).abs_columns:

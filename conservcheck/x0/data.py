@@ -221,8 +221,7 @@ def _read_table(spec: str, key: str | None) -> tuple[Any, str | None]:
     except FileNotFoundError:
         raise UsageError(f"data file not found: {spec}", HINT) from None
     except Exception as err:  # pandas and fsspec raise many types for unreadable or unreachable files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UsageError(f"cannot read table {spec}: {type(err).__name__}: {first}", HINT) from None
+        raise UsageError(f"cannot read table {spec}: {reason(err)}", HINT) from None
     return frame, key
 
 

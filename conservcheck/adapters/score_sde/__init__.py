@@ -56,6 +56,7 @@ from conservcheck.adapters.score_sde.config import SDEConfig, find_config, prese
 from conservcheck.adapters.score_sde.convert import build_unet, check_convertible, key_map, to_diffusers
 from conservcheck.adapters.weights import hash_files
 from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.parameterization import conversion
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
 from conservcheck.process import OUProcess, TimeConvention, VEProcess, VPSDETime, expand_like
 
@@ -114,7 +115,7 @@ def units(cfg: SDEConfig) -> dict[str, Any]:
                 "native_time": "sigma (noise standard deviation), fed to the network as is",
                 "native_range": [cfg.sigma_min, cfg.sigma_max],
                 "output": "score (the network divides by sigma: scale_by_sigma)",
-                "conversion": "s = out",
+                "conversion": conversion("score"),
             },
         )
     return dict(
@@ -129,7 +130,8 @@ def units(cfg: SDEConfig) -> dict[str, Any]:
             "native_time": f"VP-SDE time s in [0, 1], fed to the network as s*{VP_TIME_SCALE:g}",
             "native_range": [1e-5, 1.0],
             "output": "epsilon-like",
-            "conversion": "s = -out / sqrt(1 - exp(-int_0^s beta)); OU time t = 0.5 int_0^s beta",
+            "conversion": conversion("epsilon", sigma="sqrt(1 - exp(-int_0^s beta))")
+            + "; OU time t = 0.5 int_0^s beta",
         },
     )
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.errors import ModelLoadError, UsageError, reason
 
 CONFIG_NAMES = ("config.json", "config.yaml", "config.yml")
 
@@ -229,9 +229,7 @@ def read_config(source: str | pathlib.Path) -> tuple[SDEConfig, str]:
         else:
             data = json.loads(text)
     except Exception as err:
-        raise ModelLoadError(
-            f"cannot parse {path} ({type(err).__name__}: {err})", "write the config as JSON or YAML"
-        ) from err
+        raise ModelLoadError(f"cannot parse {path} ({reason(err)})", "write the config as JSON or YAML") from err
     return config_from_dict(data, str(path)), str(path)
 
 
