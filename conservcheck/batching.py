@@ -93,7 +93,10 @@ def find_batch_size(probe: VectorFieldProbe, cache_dir: str | Path | None = None
 
 
 class Batcher:
-    """Runs ``fn`` over row chunks, halving the chunk size on out-of-memory; remembers what fit."""
+    """Runs ``fn`` over row chunks, halving the chunk size on out-of-memory; remembers what fit.
+
+    ``on_batch``, when set, is called after every chunk (an audit's progress lines use it).
+    """
 
     def __init__(
         self,
@@ -107,6 +110,7 @@ class Batcher:
             self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError("batch_size must be a positive integer or 'auto'")
+        self.on_batch: Callable[[], None] | None = None
 
     def map(self, fn: Callable[..., Tensor], *arrays: Tensor) -> Tensor:
         """Concatenate ``fn(*chunks)`` over aligned row chunks of ``arrays``."""
@@ -124,6 +128,8 @@ class Batcher:
                 _free_cuda()
                 continue
             start = stop
+            if self.on_batch is not None:
+                self.on_batch()
         return torch.cat(outs, 0) if outs else arrays[0].new_zeros((0,))
 
 

@@ -15,6 +15,11 @@ from conservcheck import rng
 from conservcheck.errors import ProbeContractError
 from conservcheck.probe import VectorFieldProbe
 
+#: Rows of the check's batch.
+CHECK_BATCH = 4
+#: Model evaluations of :func:`check_probe`: per row, three noise levels, a repeat, one by one, a swapped time.
+CHECK_EVALS = 6 * CHECK_BATCH
+
 
 @dataclass
 class ContractReport:
@@ -35,7 +40,7 @@ def _times(probe: VectorFieldProbe) -> torch.Tensor:
     return probe.process.t_from_sigma(sig)
 
 
-def check_probe(probe: VectorFieldProbe, batch: int = 4, seed: int = 0) -> ContractReport:
+def check_probe(probe: VectorFieldProbe, batch: int = CHECK_BATCH, seed: int = 0) -> ContractReport:
     """Run the probe on a few seeded inputs and report contract violations (never raises for them).
 
     Inputs are x = α x0 + σ ε with x0 at the centre of the data range, at three noise levels from

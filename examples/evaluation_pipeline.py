@@ -7,7 +7,7 @@
 One row per checkpoint: the verdict, the largest ratio of a check's median to its numerical floor, and
 per metric the largest median over the audited time points (Eq. 7 loop ratio over rotation loops, mean
 |∂ᵢsⱼ − ∂ⱼsᵢ| on a random 64×64 sub-Jacobian block). Every audit uses seed 0, so rows are comparable
-and a re-run gives the same numbers.
+and a re-run gives the same numbers. Needs no extra; writes only the ``--out`` file, when given.
 """
 
 import argparse
@@ -19,7 +19,7 @@ import conservcheck
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("checkpoints", nargs="*", default=["embedded:digits", "embedded:funnel"])
 parser.add_argument("--samples", type=int, default=16, help="samples per time point")
-parser.add_argument("--points", type=int, default=64, help="nodes per loop")
+parser.add_argument("--points", type=int, default=None, help="nodes per loop (default: the audit's own)")
 parser.add_argument("--out", help="also write the table to this Markdown file")
 args = parser.parse_args()
 

@@ -16,11 +16,13 @@
    form), x0 drawn from the latent model itself. The report, its figures (``figures/``) and the medians
    (``numbers.md``) go into the folder.
 
-    python examples/latent_diffusion.py --out latent-digits          # 10–15 minutes on a 2-core CPU
-    python examples/latent_diffusion.py --quick --out /tmp/latent    # a smoke run, under a minute
-    conservcheck audit latent-digits --paths rotation                 # audit the folder again later
+    python examples/latent_diffusion.py                  # into out/latent-digits; 10–15 minutes on a 2-core CPU
+    python examples/latent_diffusion.py --quick          # a smoke run into out/latent-digits-quick, under a minute
+    conservcheck audit out/latent-digits --paths rotation   # audit the folder again later
 
-Seeded and deterministic on CPU for a given thread count and torch version.
+Needs scikit-learn and matplotlib (``pip install -e ".[examples]"``). Writes under ``out/`` in the
+repository (git-ignored) unless ``--out`` says otherwise. Seeded and deterministic on CPU for a given
+thread count and torch version.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _extras import OUT, output_folder, require  # noqa: E402
 from reproduce_figures import numbers_table  # noqa: E402
 from train_digits import digits_16, save_grid  # noqa: E402  (the same data as the embedded digits model)
 
@@ -189,7 +192,10 @@ def save_pipeline(folder: pathlib.Path, vae, unet, sched, record: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", default="latent-digits", help="pipeline folder to write (report and figures go inside)"
+        "--out",
+        default=None,
+        help="pipeline folder to write, report and figures inside (default: out/latent-digits, with --quick "
+        "out/latent-digits-quick)",
     )
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=2000)
@@ -209,6 +215,8 @@ def main() -> None:
     )
     parser.add_argument("--skip-audit", action="store_true")
     args = parser.parse_args()
+    require("examples/latent_diffusion.py", "examples", "sklearn", "matplotlib")
+    args.out = str(output_folder(args.out or OUT / ("latent-digits-quick" if args.quick else "latent-digits")))
     if args.quick:
         args.vae_steps, args.unet_steps, args.sample_steps = 40, 40, 20
         args.samples, args.points, args.time_indices = 4, 32, "10,500"

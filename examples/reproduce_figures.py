@@ -4,7 +4,7 @@
   rotation, Brownian-bridge and projection loops, and the curl |∂ᵢsⱼ − ∂ⱼsᵢ| of a random 64×64
   sub-Jacobian, against the time index k, for each image model (``--model``, repeatable): by default the
   embedded ``digits`` DDPM (16×16 digits standing in for the paper's MNIST model, x0 = the training
-  digits from scikit-learn, or the model's own samples without it); on a GPU with the Hub,
+  digits from scikit-learn); on a GPU with the Hub,
   ``google/ddpm-cifar10-32`` (Figs. 8–11) and ``google/ncsnpp-celebahq-256`` (Fig. 3 b, d and Fig. 12;
   a VE model, so against σ at the tool's default noise levels).
 * Figs. 5 / 7 / 9 / 11 — the same loop integrals as box plots per loop type and time point.
@@ -13,15 +13,20 @@
   Stein value ∇·e + s_refᵀe (Eq. 20–21) against t.
 
 Each audit is saved as ``<name>.json``; its figures come from :func:`conservcheck.report.plots.plot_report`
-(what ``conservcheck plot <name>.json --out <name>`` runs) and the medians go to ``numbers.md``.
+(what ``conservcheck plot <name>.json --out <name>`` runs) and the medians go to ``numbers.md``, where a
+cell the audit could not resolve (its floor set by too few nodes, not by rounding) is marked.
+Everything goes under ``out/figures-paper`` (``out/figures-paper-quick`` with ``--quick``) in the
+repository, git-ignored, unless ``--out`` says otherwise. Needs matplotlib and scikit-learn
+(``pip install -e ".[examples]"``).
 
     python examples/reproduce_figures.py --quick                      # a smoke run, ~1 minute on a CPU
     python examples/reproduce_figures.py                              # reduced CPU form, minutes
     python examples/reproduce_figures.py --full --device cuda \\
         --model google/ddpm-cifar10-32 --model google/ncsnpp-celebahq-256
 
-Forms: ``--quick`` 4 samples per time point, 32 nodes per loop, 2 time points; the default (reduced)
-16 samples, 128 nodes, 6 time indices; ``--full`` the paper's protocol (§3.2–3.3): 256 samples, 1000
+Forms: ``--quick`` 4 samples per time point, 32 nodes per loop, 2 time points (too few nodes to resolve
+most loops: ``numbers.md`` marks those cells); the default (reduced) 16 samples, each loop type's default
+nodes, 6 time indices; ``--full`` the paper's protocol (§3.2–3.3): 256 samples, 1000
 nodes, k = 0, 50, …, 950, 999 on discrete schedules.
 """
 
@@ -34,12 +39,14 @@ import tempfile
 
 import numpy as np
 import torch
+from _extras import OUT, output_folder, require
 
 from conservcheck import DiscreteSchedule, audit
 from conservcheck.adapters.resolve import load_reference
 from conservcheck.analytic.reference_scores import resolve_reference
 from conservcheck.report.audit_report import AuditReport
 from conservcheck.report.plots import plot_report
+from conservcheck.report.verdict import not_resolved
 
 #: Stein reference for the funnel model: its exact score (Neal's funnel, n = D − 1, scale 3).
 FUNNEL_REFERENCE = "funnel"
@@ -52,25 +59,21 @@ HEADLINE = (
     ("stein", "err_norm", "‖s_ref − s_θ‖"),
     ("stein", "stein", "∇·e + s_refᵀe"),
 )
-#: (samples per time point, nodes per loop, time indices on a 1000-step schedule, canonical times) per form.
+#: (samples per time point, nodes per loop, time indices on a 1000-step schedule, canonical times) per form;
+#: None nodes: each loop type's own default (conservcheck.geometry.loops.LoopType.cpu_points on a CPU).
 FORMS = {
     "quick": (4, 32, "10,500", "0.05,1.0"),
-    "reduced": (16, 128, "10,100,250,500,750,990", None),
+    "reduced": (16, None, "10,100,250,500,750,990", None),
     "full": (256, 1000, "0:950:50,999", None),
 }
 
 
-def digits_data(folder: pathlib.Path) -> str | None:
-    """The training digits as a float array [N, 1, 16, 16] in [−1, 1] (.npy), or None without scikit-learn."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    try:
-        from train_digits import digits_16
+def digits_data(folder: pathlib.Path) -> str:
+    """The training digits as a float array [N, 1, 16, 16] in [−1, 1] (.npy)."""
+    from train_digits import digits_16
 
-        x = digits_16().numpy()
-    except ImportError:
-        return None
     path = folder / "digits16.npy"
-    np.save(path, x)
+    np.save(path, digits_16().numpy())
     return str(path)
 
 
@@ -83,15 +86,22 @@ def funnel_data(folder: pathlib.Path, probe, n: int, seed: int) -> str:
 
 
 def numbers_table(report: AuditReport, title: str) -> str:
-    """Markdown: median of each headline metric per variant and time point, the control's median in brackets."""
+    """Markdown: median of each headline metric per variant and time point, the control's median in brackets,
+    and † on a cell whose check could not resolve the diagnostic (:func:`conservcheck.report.verdict.not_resolved`)."""
     s = report.summary(field=None)
     s = s[s["status"] == "ok"]
+    opts = report.header["options"]
+    nodes = ", ".join(f"{path} {n}" for path, n in (opts.get("loop_points") or {}).items())
+    verdict = report.verdict
+    unresolved = {
+        (c["diagnostic"], c["variant"], c["time_key"]) for c in verdict.checks if not_resolved(c, verdict.rule)
+    }
     lines = [
         f"## {title}",
         "",
-        f"model `{report.header['model'].get('reference')}`, "
-        f"{report.header['options']['n_samples']} samples per time point, "
-        f"{report.header['options']['n_points']} nodes per loop; verdict: **{report.verdict}**",
+        f"model `{report.header['model'].get('reference')}`, {opts['n_samples']} samples per time point"
+        + (f", nodes per loop: {nodes}" if nodes else "")
+        + f"; verdict: **{report.verdict}**",
         "",
     ]
     for diagnostic, metric, label in HEADLINE:
@@ -111,9 +121,17 @@ def numbers_table(report: AuditReport, title: str) -> str:
                 at = sub[(sub["variant"] == variant) & (sub["time_key"] == key)]
                 model, ctrl = at[at["field"] == "model"], at[at["field"] == "control"]
                 cell = f"{float(model['median'].iloc[0]):.3g}" if len(model) else "–"
-                cells.append(cell + (f" ({float(ctrl['median'].iloc[0]):.2g})" if len(ctrl) else ""))
+                cell += f" ({float(ctrl['median'].iloc[0]):.2g})" if len(ctrl) else ""
+                cells.append(cell + (" †" if (diagnostic, variant, key) in unresolved else ""))
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         lines.append("")
+    if unresolved:
+        lines += [
+            "† not resolved: the check's floor is set by the quadrature (too few nodes per loop for this loop at "
+            "this noise level), not by rounding, and the model's median is within 10× of it — the value says "
+            "nothing about the model; run with more nodes (`--points`).",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -129,7 +147,9 @@ def run(model, out: pathlib.Path, name: str, **options) -> AuditReport:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="figures-paper", help="output folder")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: out/figures-paper, with --quick out/figures-paper-quick)"
+    )
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--quick", action="store_true", help="smoke run: 4 samples, 32 nodes, 2 time points")
     form.add_argument(
@@ -146,11 +166,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    require("examples/reproduce_figures.py", "examples", "matplotlib", "sklearn")
     mode = "quick" if args.quick else "full" if args.full else "reduced"
-    n_samples, n_points, indices, times = FORMS[mode]
-    out = pathlib.Path(args.out)
+    out = output_folder(args.out or OUT / ("figures-paper-quick" if args.quick else "figures-paper"))
     out.mkdir(parents=True, exist_ok=True)
-    scratch = pathlib.Path(tempfile.mkdtemp(prefix="conservcheck-figures-"))
+    with tempfile.TemporaryDirectory(prefix="conservcheck-figures-") as scratch:
+        figures(args, mode, out, pathlib.Path(scratch))
+
+
+def figures(args: argparse.Namespace, mode: str, out: pathlib.Path, scratch: pathlib.Path) -> None:
+    """Every audit of the chosen form, its figures, and ``numbers.md`` in ``out``."""
+    n_samples, n_points, indices, times = FORMS[mode]
     common = dict(n_samples=n_samples, n_points=n_points, seed=args.seed)  # the probes carry the device
 
     sections = []
@@ -159,8 +185,8 @@ def main() -> None:
         opts = dict(common, paths="rotation,brownian,projection", curl="subjacobian")
         if isinstance(probe.time_convention, DiscreteSchedule):
             opts["time_indices"] = indices  # the paper's axis: the time index k of a 1000-step schedule
-        if ref == "embedded:digits" and (data := digits_data(scratch)) is not None:
-            opts["data"] = data
+        if ref == "embedded:digits":
+            opts["data"] = digits_data(scratch)
         name = ref.replace("embedded:", "").replace("/", "--")
         sections.append(numbers_table(run(probe, out, name, **opts), f"Figs. 2, 5, 7 — {ref}"))
 

@@ -7,15 +7,18 @@ level is an ``AttnDownBlock2D``/``AttnUpBlock2D`` pair, and the 4×4 middle bloc
 GroupNorm with 8 groups) trained with DDPM's ε-prediction loss ‖ε̂(x_k, k) − ε‖² under DDPMScheduler's
 linear β schedule 1e-4 → 0.02, T = 1000 (Ho et al. 2020). The weights saved are an exponential moving
 average of the trained ones. The result is a ``DDPMPipeline`` folder (safetensors), loadable by
-``conservcheck.adapters.diffusers_unet`` and shipped as ``conservcheck/assets/digits-ddpm``.
+``conservcheck.adapters.diffusers_unet``; the package ships it as ``conservcheck/assets/digits-ddpm``.
+Needs scikit-learn (``pip install -e ".[train]"``). Writes to ``out/digits-ddpm`` in the repository
+(git-ignored) unless ``--out`` says otherwise; it refuses to write over the shipped model unless
+``--replace-shipped`` is given.
 
 Deterministic on CPU for a given seed, thread count and torch version (the default run uses one thread).
 A sample grid from the trained model (1,000 ancestral DDPM steps) is written to ``--samples`` (a
 temporary folder by default).
 
-    python examples/train_digits.py                       # writes conservcheck/assets/digits-ddpm
-    python examples/train_digits.py --steps 500 --out /tmp/digits-quick
-    python examples/train_digits.py --steps 20 --eval-draws 1 --samples '' --out /tmp/digits-smoke   # seconds
+    python examples/train_digits.py                       # the shipped model's recipe, into out/digits-ddpm
+    python examples/train_digits.py --steps 20 --eval-draws 1 --samples ''   # seconds
+    python examples/train_digits.py --out conservcheck/assets/digits-ddpm --replace-shipped   # regenerate it
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _extras import OUT, output_folder, require
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "conservcheck" / "assets" / "digits-ddpm"
+DEFAULT_OUT = OUT / "digits-ddpm"
 
 UNET_CONFIG = dict(
     sample_size=16,
@@ -124,7 +127,7 @@ def train(args: argparse.Namespace) -> dict:
     pipe.save_pretrained(str(out), safe_serialization=True)
     record = {
         "script": "examples/train_digits.py",
-        "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "samples")},
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "samples", "replace_shipped")},
         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
         "parameters": sum(p.numel() for p in ema.parameters()),
         "scheduler": SCHEDULER_CONFIG,
@@ -188,6 +191,9 @@ def write_samples(pipe, path: pathlib.Path, seed: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="pipeline folder to write")
+    parser.add_argument(
+        "--replace-shipped", action="store_true", help="allow --out to be the model shipped in conservcheck/assets"
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
@@ -202,7 +208,10 @@ def main() -> None:
         default=str(pathlib.Path(tempfile.gettempdir()) / "conservcheck-digits.png"),
         help="PNG of 64 samples ('' for none)",
     )
-    train(parser.parse_args())
+    args = parser.parse_args()
+    require("examples/train_digits.py", "train", "sklearn")
+    args.out = str(output_folder(args.out, args.replace_shipped))
+    train(args)
 
 
 if __name__ == "__main__":

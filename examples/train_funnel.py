@@ -8,12 +8,15 @@ EDM's weighting, Σ_i (1 + σ̃²/σ_d,i²)(ε̂_i − ε_i)² (see :mod:`conser
 
 The model (``conservcheck.networks.funnel_mlp.FunnelNet``) is saved as ``model.safetensors`` plus
 ``config.json`` (architecture, process, parameterization, funnel parameters, training record) in
-``conservcheck/assets/funnel-mlp``. Deterministic on CPU for a given seed, thread count and torch version.
+``out/funnel-mlp`` in the repository (git-ignored) unless ``--out`` says otherwise; the package ships the
+result as ``conservcheck/assets/funnel-mlp`` and the script refuses to write over it unless
+``--replace-shipped`` is given. No extra needed. Deterministic on CPU for a given seed, thread count and torch version.
 At the end the script reports the per-sample relative error ‖s_θ − s‖/‖s‖ of the model's score against
 the exact funnel score at a few times (median, 90th percentile).
 
-    python examples/train_funnel.py                       # writes conservcheck/assets/funnel-mlp
-    python examples/train_funnel.py --steps 500 --out /tmp/funnel-quick
+    python examples/train_funnel.py                       # the shipped model's recipe, into out/funnel-mlp
+    python examples/train_funnel.py --steps 20 --log-every 10                          # seconds
+    python examples/train_funnel.py --out conservcheck/assets/funnel-mlp --replace-shipped   # regenerate it
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ import platform
 import time
 
 import torch
+from _extras import OUT, output_folder
 
 from conservcheck.analytic.funnel import Funnel
 from conservcheck.networks.funnel_mlp import FunnelNet, FunnelNetConfig
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "conservcheck" / "assets" / "funnel-mlp"
+DEFAULT_OUT = OUT / "funnel-mlp"
 SIGMA_VE_RANGE = (0.02, 40.0)
 
 
@@ -142,7 +145,7 @@ def train(args: argparse.Namespace) -> dict:
         "data": {"distribution": "neal_funnel", "n": funnel.n, "scale": funnel.scale},
         "training": {
             "script": "examples/train_funnel.py",
-            "arguments": {k: v for k, v in vars(args).items() if k != "out"},
+            "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "replace_shipped")},
             "sigma_ve_range": list(SIGMA_VE_RANGE),
             "parameters": sum(p.numel() for p in ema.parameters()),
             "loss_log": log,
@@ -159,6 +162,9 @@ def train(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder to write")
+    parser.add_argument(
+        "--replace-shipped", action="store_true", help="allow --out to be the model shipped in conservcheck/assets"
+    )
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=256)
@@ -169,7 +175,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
     parser.add_argument("--log-every", type=int, default=500)
-    train(parser.parse_args())
+    args = parser.parse_args()
+    args.out = str(output_folder(args.out, args.replace_shipped))
+    train(args)
 
 
 if __name__ == "__main__":

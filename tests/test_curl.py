@@ -73,7 +73,7 @@ def test_linear_field_block_is_2k_on_the_sampled_indices(strategy):
         assert ((res.values[col] - want[col]).abs() / want[col]).max() < tol
     assert res.diagnostic == "curl" and res.variant == "subjacobian"
     assert res.meta["strategy"] == strategy and res.meta["block"] == n
-    assert res.meta["products"] == ("rows (vjp)" if strategy == "double_vjp" else "columns (jvp)")
+    assert res.meta["products"] == ("columns (jvp)" if strategy == "fd" else "rows (vjp)")
 
 
 def test_block_is_capped_at_the_dimension_and_costs_are_counted():
@@ -81,8 +81,8 @@ def test_block_is_capped_at_the_dimension_and_costs_are_counted():
     res = curl_subjacobian(probe, _x0(3), TIME, seed=0, batcher=Batcher(64))  # block 64 > D = 12
     assert res.meta["block"] == D and res.meta["strategy"] == "jvp"
     # Check: 6 forward passes of 2 rows for the differences, then a jvp + vjp pair per AD candidate
-    # (6 and 5 passes) on those 2 rows; then 3 samples × 12 columns × 3 passes.
-    assert res.meta["n_evals"] == 6 * 2 + (6 + 5) * 2 + 3 * D * PRODUCT_COST["jvp"]["jvp"]
+    # (6 and 5 passes) on those 2 rows; then 3 samples × 12 rows (vjps) × 3 passes.
+    assert res.meta["n_evals"] == 6 * 2 + (6 + 5) * 2 + 3 * D * PRODUCT_COST["jvp"]["vjp"]
 
 
 # Floors of curl_rel_fro = ‖C‖_F/‖J_SS + J_SSᵀ‖_F and of rel_asym for exactly conservative fields.

@@ -201,3 +201,81 @@ def test_latent_diffusion_quick(tmp_path):
         "stein.data",
     }
     assert "## Figs. 2 b, d and 4 — latent space" in (out / "numbers.md").read_text()
+
+
+# ------------------------------------------------------------------------------- what examples may do
+
+
+def _blocked(module: str, script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run an example as a user without ``module`` installed would (the import system finds nothing)."""
+    code = (
+        f"import runpy, sys; sys.modules[{module!r}] = None; sys.path.insert(0, {str(EXAMPLES)!r}); "
+        f"sys.argv = [{script!r}, *{list(args)!r}]; runpy.run_path({str(EXAMPLES / script)!r}, run_name='__main__')"
+    )
+    return run([sys.executable, "-c", code], tmp_path)
+
+
+@pytest.mark.parametrize(
+    "module, script, extra",
+    [
+        ("sklearn", "train_digits.py", "train"),
+        ("sklearn", "latent_diffusion.py", "examples"),
+        ("matplotlib", "reproduce_figures.py", "examples"),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_the_install_command(module, script, extra, tmp_path):
+    proc = _blocked(module, script, "--quick" if script != "train_digits.py" else "--steps=1", tmp_path=tmp_path)
+    dist = {"sklearn": "scikit-learn"}.get(module, module)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f'error: examples/{script} needs {dist}: pip install -e ".[{extra}]" (in the repository root)'
+    ]
+    assert {p.name for p in tmp_path.iterdir()} <= {"hf"}  # nothing written
+
+
+def test_examples_write_under_an_ignored_folder_and_never_over_the_shipped_models(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import _extras
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    assert _extras.OUT == ROOT / "out" and "/out/" in (ROOT / ".gitignore").read_text().splitlines()
+    assets = ROOT / "conservcheck" / "assets"
+    for script, asset in (("train_digits.py", "digits-ddpm"), ("train_funnel.py", "funnel-mlp")):
+        before = {p: p.stat().st_mtime_ns for p in (assets / asset).rglob("*")}
+        proc = run([sys.executable, str(EXAMPLES / script), "--steps", "1", "--out", str(assets / asset)], tmp_path)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        assert "models shipped with the package" in proc.stderr and "--replace-shipped" in proc.stderr
+        assert {p: p.stat().st_mtime_ns for p in (assets / asset).rglob("*")} == before
+
+
+def _workflow_step(name: str) -> list[str]:
+    """The command lines of the workflow step ``name`` in examples/ci_gate.md."""
+    text = (EXAMPLES / "ci_gate.md").read_text(encoding="utf-8")
+    block = re.search(rf"- name: {name}\n\s+run: \|\n(.*?)\n\s+- (?:name|uses):", text, flags=re.S).group(1)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_ci_gate_installs_from_the_repository_checkout(tmp_path):
+    """The workflow's install lines: torch from the CPU index (a hosted runner has no GPU), conservcheck from
+    the checkout of its repository — which, given this repository, pip resolves to conservcheck with the extra."""
+    pytest.importorskip("setuptools")
+    text = (EXAMPLES / "ci_gate.md").read_text(encoding="utf-8")
+    checkout = re.search(r"repository: \$\{\{ vars.CONSERVCHECK_REPOSITORY \}\}\n.*?path: (\S+)", text, re.S).group(1)
+    torch_line, package_line = (shlex.split(line) for line in _workflow_step("Install"))
+    assert torch_line == ["pip", "install", "torch==2.13.0", "--index-url", "https://download.pytorch.org/whl/cpu"]
+    assert package_line[:2] == ["pip", "install"] and len(package_line) == 3
+    spec = package_line[2]
+    assert spec == f"./{checkout}[plots]"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation", "--quiet"]
+        + ["--report", "-", str(ROOT) + spec[len(f"./{checkout}") :]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (item,) = json.loads(proc.stdout)["install"]
+    assert item["metadata"]["name"] == "conservcheck" and item["requested_extras"] == ["plots"]
+    assert "plots" in item["metadata"]["provides_extra"]

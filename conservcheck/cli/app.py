@@ -136,28 +136,35 @@ def _logging(quiet: bool) -> Iterator[Console]:
 
 @contextmanager
 def _progress(err: Console, enabled: bool) -> Iterator[Any]:
-    """A progress callback drawing one bar with ETA on stderr; None when stderr is not a terminal."""
+    """A progress callback drawing one bar with ETA on stderr; None when stderr is not a terminal, where the
+    audit's periodic progress lines in the log stand in for it (the bar replaces them on a terminal)."""
     if not (enabled and err.is_terminal):
         yield None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    with Progress(
-        TextColumn("{task.description:<34}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("audit", total=None)
+    lines = logging.getLogger("conservcheck.progress")
+    old_level = lines.level
+    lines.setLevel(logging.WARNING)
+    try:
+        with Progress(
+            TextColumn("{task.description:<34}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("audit", total=None)
 
-        def update(done: float, total: float, description: str) -> None:
-            bar.update(task, completed=done, total=total, description=description)
+            def update(done: float, total: float, description: str) -> None:
+                bar.update(task, completed=done, total=total, description=description)
 
-        yield update
+            yield update
+    finally:
+        lines.setLevel(old_level)
 
 
 def _writable(*paths: str | None) -> None:

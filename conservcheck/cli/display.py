@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conservcheck import diagnostics
+from conservcheck.runner.options import cpu_scaled_text
 
 
 def out_console(data_on_stdout: bool) -> Console:
@@ -96,10 +97,7 @@ def describe(report: Any) -> list[str]:
     elif src.get("path"):
         lines.append(f"x0: {src.get('n')} samples from {src['path']} ({src.get('mapping')})")
     if opts.get("cpu_scaled"):
-        lines.append(
-            f"CPU-scaled defaults: {opts['n_samples']} samples per time point, {opts['n_points']} nodes per loop "
-            "(the paper: 256 and 1000; set --samples / --points)"
-        )
+        lines.append(cpu_scaled_text(opts))
     return lines
 
 

@@ -37,7 +37,7 @@ N = 1000 (:data:`FIXED_AUTO_POINTS`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -58,7 +58,6 @@ from conservcheck.timepoints import TimePoint
 AUTO_START = 16
 AUTO_CAP = 4096
 PAPER_POINTS = 1000
-CPU_POINTS = 128
 MAX_CHUNK_ELEMENTS = 2**24  # ≈ 0.8 GB at the ~50 bytes per element the geometry and sums take at peak
 FIXED_AUTO_POINTS = 1000
 
@@ -257,14 +256,35 @@ def _parse_paths(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(choices))
 
 
+def loop_points(n_points: int | str | None, paths: Iterable[str], device: torch.device) -> dict[str, int | str]:
+    """Nodes per loop of each path: ``n_points`` for all of them when given (``--points``); otherwise the
+    paper's 1000 on a GPU and, on a CPU, each loop type's own :attr:`~conservcheck.geometry.loops.LoopType.cpu_points`
+    (what its default rule needs: benchmarks/RESULTS.md)."""
+    if n_points is not None:
+        return {path: n_points for path in paths}
+    if device.type != "cpu":
+        return {path: PAPER_POINTS for path in paths}
+    return {path: loops.get(path).cpu_points for path in paths}
+
+
+def _cost_points(path: str, n_points: int | str) -> int:
+    """Nodes per loop the plan's cost assumes: ``auto`` refines adaptive loop types from 16 nodes (about
+    :data:`AUTO_COST_POINTS`) and means the fixed 1000 for the others."""
+    if n_points != "auto":
+        return int(n_points)
+    return AUTO_COST_POINTS if loops.get(path).adaptive else FIXED_AUTO_POINTS
+
+
 def _plan(opts: Mapping[str, Any], probe: VectorFieldProbe) -> list[Variant]:
-    nodes = AUTO_COST_POINTS if opts["n_points"] == "auto" else opts["n_points"]
     budget = opts.get("memory_budget")
-    kwargs: dict[str, Any] = {"n_points": opts["n_points"], **{o.name: opts[o.name] for o in loops.loop_options()}}
+    kwargs: dict[str, Any] = {o.name: opts[o.name] for o in loops.loop_options()}
     if budget:
         kwargs["max_chunk_elements"] = loop_chunk_elements(budget, probe.dtype)
     return [
-        Variant(path, loop_diagnostic, {"path": path, **kwargs}, opts["n_samples"] * nodes) for path in opts["paths"]
+        Variant(
+            path, loop_diagnostic, {"path": path, "n_points": n, **kwargs}, opts["n_samples"] * _cost_points(path, n)
+        )
+        for path, n in loop_points(opts["n_points"], opts["paths"], probe.device).items()
     ]
 
 
@@ -300,8 +320,9 @@ DIAGNOSTIC = Diagnostic(
             "Nodes per loop, or auto (adaptive until the quadrature converges).",
             settings.auto_or(settings.integer("--points", 4, 10**6)),
             "N|auto",
-            shown=f"{PAPER_POINTS} on GPU, {CPU_POINTS} on CPU",
-            schema={"oneOf": [{"type": "integer", "minimum": 4}, {"const": "auto"}]},
+            shown=f"{PAPER_POINTS} on GPU; on CPU per loop type: "
+            + ", ".join(f"{name} {loop.cpu_points}" for name, loop in loops.registered().items()),
+            schema={"oneOf": [{"type": "integer", "minimum": 4}, {"const": "auto"}, {"type": "null"}]},
         ),
         *loops.loop_options(),
     ),

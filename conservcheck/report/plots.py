@@ -2,7 +2,10 @@
 
 * *metric vs time* (Fig. 2, 3, 6, 8, 10): for each metric, the median over samples against the time
   index k (or t, or σ for VE) with the q25–q75 band, one line per loop type (or curl / Stein variant),
-  and the conservative control's median dashed — the audit's numerical floor;
+  and the conservative control's median dashed with crosses — the audit's numerical floor. A metric that
+  spans decades is on a log axis (a control that is exactly 0 sits on its bottom edge as a triangle);
+  points whose check could not resolve the diagnostic (:func:`conservcheck.report.verdict.not_resolved`)
+  are drawn open;
 * *box plots* (Fig. 5, 7, 9, 11, 12): for each loop metric, one panel per loop type with one box of the
   per-sample values per time point.
 
@@ -16,9 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from conservcheck import diagnostics
 from conservcheck.errors import UsageError
 from conservcheck.report.audit_report import AuditReport
+from conservcheck.report.verdict import not_resolved
 
 
 def _figure(**kw: Any) -> Any:
@@ -40,42 +46,63 @@ def _axis(report: AuditReport) -> tuple[str, str, bool]:
     return "t", "t (canonical time)", False
 
 
+def _unresolved(report: AuditReport) -> set[tuple[str, str, str]]:
+    """(diagnostic, variant, time key) of the checks that could not resolve their diagnostic."""
+    rule = report.verdict.rule
+    return {(c["diagnostic"], c["variant"], c["time_key"]) for c in report.verdict.checks if not_resolved(c, rule)}
+
+
 def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, log: bool) -> Any | None:
     s = report.summary(field=None)
     s = s[(s["diagnostic"] == diagnostic) & (s["metric"] == metric) & (s["status"] == "ok")]
     if s.empty:
         return None
     xcol, xlabel, xlog = _axis(report)
+    # A quantity spanning decades is drawn on a log axis whatever its control does: values ≤ 0 (an exactly
+    # conservative control's curl, say) sit on the axis's bottom edge, drawn as downward triangles.
+    values = s[["median", "q25", "q75"]].astype(float).to_numpy()
+    positive = values[values > 0]
+    log = log and positive.size > 0
+    bottom = float(positive.min()) / 3 if log else None
+    unresolved = _unresolved(report)
     fig = _figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
+    marked = False
     for variant, rows in s[s["field"] == "model"].groupby("variant", sort=False):
         rows = rows.sort_values("t")
         x = rows[xcol].astype(float).to_numpy()
-        line = ax.plot(x, rows["median"], marker="o", ms=3, label=variant)[0]
-        ax.fill_between(
-            x, rows["q25"].astype(float), rows["q75"].astype(float), color=line.get_color(), alpha=0.2, lw=0
-        )
+        med = rows["median"].astype(float).to_numpy()
+        line = ax.plot(x, med, marker="o", ms=4, label=variant)[0]
+        color = line.get_color()
+        low, high = rows["q25"].astype(float).to_numpy(), rows["q75"].astype(float).to_numpy()
+        if log:
+            low = np.maximum(low, bottom)
+        ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
+        open_ = np.array([(diagnostic, variant, k) in unresolved for k in rows["time_key"]])
+        if open_.any():
+            marked = True
+            ax.plot(x[open_], med[open_], ls="none", marker="o", ms=8, mfc="white", mec=color, mew=1.5, zorder=3)
         ctrl = s[(s["field"] == "control") & (s["variant"] == variant)].sort_values("t")
         if not ctrl.empty:
-            ax.plot(
-                ctrl[xcol].astype(float),
-                ctrl["median"],
-                ls="--",
-                lw=1,
-                color=line.get_color(),
-                alpha=0.7,
-                label=f"{variant} (conservative control)",
-            )
-    positive = bool((s["median"] > 0).all())
-    if log and positive:
+            cx = ctrl[xcol].astype(float).to_numpy()
+            cy = ctrl["median"].astype(float).to_numpy()
+            ax.plot(cx, cy, ls="--", lw=1.2, marker="x", ms=5, color=color, label=f"{variant}: conservative control")
+            if log and (cy <= 0).any():
+                ax.plot(cx[cy <= 0], np.full(int((cy <= 0).sum()), bottom), ls="none", marker="v", ms=6, color=color)
+    if log:
         ax.set_yscale("log")
+        ax.set_ylim(bottom=bottom / 1.5)
     if xlog:
         ax.set_xscale("log")
+    if marked:
+        ax.plot([], [], ls="none", marker="o", ms=8, mfc="white", mec="0.3", label="open: not resolved (more nodes)")
+    if log and bool((s[s["field"] == "control"]["median"].astype(float) <= 0).any()):
+        ax.plot([], [], ls="none", marker="v", color="0.3", label="control exactly 0 (bottom edge)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(label)
     ax.set_title(f"{diagnostic}: {metric} — median, q25–q75 band", fontsize=10)
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both" if log else "major")
     return fig
 
 

@@ -2,7 +2,8 @@
 
 The fixed part is ``conservcheck/schema/report.schema.json``. The ``options`` object has one property per
 numeric audit option, with that option's own schema fragment, so a registered diagnostic or loop type that
-adds an option also adds it to the schema (plus ``cpu_scaled``). ``conservcheck.report_schema()`` gives the
+adds an option also adds it to the schema (plus ``loop_points``, the nodes per loop of each loop type, and
+``cpu_scaled``). ``conservcheck.report_schema()`` gives the
 schema of this installation's options.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from conservcheck.settings import Option
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 
 @lru_cache(maxsize=1)
@@ -31,10 +32,14 @@ def report_schema(options: Iterable[Option]) -> dict[str, Any]:
     schema = copy.deepcopy(_fixed())
     numeric = [o for o in options if o.numeric]
     props = {o.name: copy.deepcopy(o.schema) for o in numeric}
+    props["loop_points"] = {
+        "type": "object",
+        "additionalProperties": {"oneOf": [{"type": "integer", "minimum": 4}, {"const": "auto"}]},
+    }
     props["cpu_scaled"] = {"type": "boolean"}
     schema["properties"]["options"] = {
         "type": "object",
-        "required": list(props),
+        "required": [name for name in props if name != "loop_points"],
         "properties": props,
         "additionalProperties": False,
     }

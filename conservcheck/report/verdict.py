@@ -185,3 +185,19 @@ def decide_verdict(
     return Verdict(
         "pass", f"all {len(measured)} checks within {FLOOR_FACTOR:g}× the numerical floor ({largest})", checks, rule
     )
+
+
+def not_resolved(check: dict[str, Any], rule: dict[str, Any]) -> bool:
+    """Whether a check could not resolve its diagnostic: its model median is within ``factor`` × a floor that
+    discretisation sets, not rounding — the loop's own quadrature error, or a control whose value is itself
+    quadrature error (a conservative field integrated too coarsely) — so neither a pass nor the size of the
+    value says anything about the model. More nodes (``--points``) lower such a floor.
+
+    A check marked so by the verdict itself (status ``not resolved``) is too.
+    """
+    if check.get("status") == "not resolved":
+        return True
+    if check.get("status") != "pass" or check.get("median") is None or not check.get("floor"):
+        return False
+    factor = float(rule.get("factor", FLOOR_FACTOR))
+    return float(check["floor"]) > factor * float(rule.get("precision_floor") or 0.0)

@@ -29,7 +29,6 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,18 @@ from conservcheck.files import cache_folder, json_safe
 from conservcheck.precision import storage_dtype
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.report import SCHEMA_VERSION, AuditReport
+from conservcheck.runner.estimate import duration_text, estimate
 from conservcheck.runner.journal import JOURNAL_FORMAT, Journal
-from conservcheck.runner.options import audit_options, device_defaults, resolve_device, resolve_options, shard_of
+from conservcheck.runner.options import (
+    audit_options,
+    cpu_scaled_text,
+    device_defaults,
+    numeric_options,
+    resolve_device,
+    resolve_options,
+    shard_of,
+)
+from conservcheck.runner.progress import Progress, ProgressLog
 from conservcheck.runner.units import (
     build_report,
     control_probe,
@@ -57,15 +66,13 @@ from conservcheck.runner.units import (
 from conservcheck.timepoints import TimePoint, time_points
 from conservcheck.version import __version__
 from conservcheck.x0.data import load_data, tensor_sha256
-from conservcheck.x0.model_samples import model_samples
+from conservcheck.x0.model_samples import is_cached, model_samples
 
 log = logging.getLogger("conservcheck")
 
 DEFAULT_MODEL = "embedded:digits"
 SKIPPED_BUDGET = "time budget exhausted — run again with --resume to finish"
 SKIPPED_SHARD = "left to the other shards — combine their files with conservcheck merge"
-
-Progress = Callable[[float, float, str], None]
 
 
 class AuditInterrupted(KeyboardInterrupt):
@@ -169,7 +176,7 @@ def _environment(probe: VectorFieldProbe) -> dict[str, Any]:
 
 
 def _fingerprint(probe: VectorFieldProbe, opts: dict[str, Any], points: list[TimePoint], x0_sha: str) -> str:
-    numeric = {o.name: opts[o.name] for o in audit_options() if o.numeric}
+    numeric = numeric_options(opts)
     blob = {
         "schema": SCHEMA_VERSION,
         "model": probe.describe(),
@@ -194,7 +201,10 @@ def audit(
         model: a :class:`VectorFieldProbe`, or a reference string (``embedded:digits``, a hub id
             ``owner/name``, a local folder or file, ``module:factory``).
         progress: optional callback ``progress(done, total, description)`` (work in estimated model
-            evaluations) called as units finish.
+            evaluations) called as x0 sampling and each unit start and finish. The same progress also
+            reaches the logger ``conservcheck.progress`` (INFO, one line at most every 10 s), and
+            the plan — units, model evaluations and the time they will take, from a timed forward pass
+            (:mod:`conservcheck.runner.estimate`) — the logger ``conservcheck`` before any work starts.
         **options: the audit options of :data:`conservcheck.runner.options.OPTIONS` (``paths``, ``curl``,
             ``stein``, ``times`` / ``time_indices`` / ``sigmas``, ``n_samples``, ``n_points``, ``device``,
             ``precision``, ``batch_size``, ``seed``, ``data``, ``revision``, ``cache_dir``,
@@ -208,6 +218,7 @@ def audit(
         on Ctrl-C (finished work is kept in the partial-results file).
     """
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    clock = _PhaseClock()
     opts = resolve_options(options)
     probe = load_model(model, opts, set(options))
     opts, cpu_scaled = device_defaults(opts, probe.device)
@@ -215,13 +226,9 @@ def audit(
     plan = plan_units(probe, opts, points)
     # User data is read before anything is logged, so a mistake in it is the only line printed.
     data = _with_hash(*load_data(opts["data"], probe, opts["n_samples"], opts["seed"]), probe) if opts["data"] else None
+    clock.stop("load")
     if cpu_scaled:
-        log.info(
-            "CPU-scaled defaults: %d samples per time point, %s nodes per loop (the paper: 256 and 1000; "
-            "set --samples / --points to change)",
-            opts["n_samples"],
-            opts["n_points"],
-        )
+        log.info("%s", cpu_scaled_text(opts))
     problems = list(check_probe(probe, seed=opts["seed"]).problems)
     for p in problems:
         log.warning("model contract: %s", p)
@@ -231,30 +238,40 @@ def audit(
         probe,
         cache_dir=cache_folder(opts["cache_dir"], "batch") if probe.device.type == "cuda" else None,
     )
+    shard, n_shards = shard_of(opts["shard"])
+    mine = [s for s in plan if s.group % n_shards == shard]
+    sampling = data is None and not is_cached(
+        probe, opts["n_samples"], opts["seed"], steps=opts["sampler_steps"], cache_dir=opts["cache_dir"]
+    )
+    sampling_cost = float(opts["n_samples"] * opts["sampler_steps"]) if sampling else 0.0
+    plan_estimate = estimate(probe, mine, len(points), batcher.batch_size, sampling_cost, measure=not problems)
+    log.info("%s", plan_estimate.line())
+    clock.stop("checks")
     header = {
         "tool": {"name": "conservcheck", "version": __version__},
         "model": probe.describe(),
         "process": probe.process.to_dict(),
         "time_convention": probe.time_convention.to_dict(),
         "time_points": [{"key": p.key, **p.to_dict()} for p in points],
-        "options": {**{o.name: opts[o.name] for o in audit_options() if o.numeric}, "cpu_scaled": cpu_scaled},
+        "options": {**numeric_options(opts), "cpu_scaled": cpu_scaled},
         "environment": _environment(probe),
     }
     run_info: dict[str, Any] = {
         "options": {o.name: opts[o.name] for o in audit_options() if not o.numeric},
         "batch_size": batcher.batch_size,
         "started_at": started.isoformat(timespec="seconds"),
+        "estimate": plan_estimate.to_dict(),
+        "phase_seconds": clock.seconds,
     }
-    shard, n_shards = shard_of(opts["shard"])
-    mine = [s for s in plan if s.group % n_shards == shard]
-    sampling_cost = 0.0 if data else float(opts["n_samples"] * opts["sampler_steps"])
-    total = sampling_cost + sum(s.cost for s in mine)
+    tracker = ProgressLog(
+        sampling_cost + sum(s.cost for s in mine), len(mine), progress, plan_estimate.seconds_per_eval
+    )
+    batcher.on_batch = tracker.tick
     if data is not None:
         x0, source = data
         log.info("x0: %d samples from %s (%s)", len(x0), opts["data"], source["mapping"])
     else:
-        if progress is not None:
-            progress(0.0, total, "drawing x0 from the model")
+        tracker.begin("drawing x0 from the model")
         try:
             x0, source = _with_hash(
                 *model_samples(
@@ -279,6 +296,8 @@ def audit(
                 data_source={"kind": "model", "error": msg}, jacobian_strategy={}, problems=problems, complete=False
             )
             return build_report(header, [], run_info, t0)
+        tracker.advance(sampling_cost, "x0 drawn", unit=False)
+        clock.stop("x0")
     header["data_source"] = source
     control = control_probe(probe, x0)
     fingerprint = _fingerprint(probe, opts, points, source["sha256"])
@@ -300,7 +319,6 @@ def audit(
     fields = {"model": probe, "control": control}
     deadline = None if opts["time_budget"] is None else t0 + opts["time_budget"]
     records: list[dict[str, Any]] = []
-    done_work = sampling_cost
     try:
         for spec in plan:
             rec = journal.done.get(spec.key)
@@ -310,15 +328,18 @@ def audit(
             if rec is None and deadline is not None and time.perf_counter() > deadline:
                 records.append(unit_record(spec, "skipped", SKIPPED_BUDGET))
                 continue
+            what = f"{spec.diagnostic}.{spec.variant} {spec.field} {spec.time.key}"
             if rec is None:
+                tracker.begin(what)
                 rec = run_unit(spec, fields[spec.field], x0, opts["seed"], batcher)
                 journal.append(rec)
+                clock.stop(f"{spec.diagnostic}.{spec.variant}")
             records.append(rec)
-            done_work += spec.cost
-            if progress is not None:
-                progress(done_work, total, f"{spec.diagnostic}.{spec.variant} {spec.field} {spec.time.key}")
+            tracker.advance(spec.cost, what)
     except KeyboardInterrupt:
         raise AuditInterrupted(path, journal.saved(), opts["shard"]) from None
+    finally:
+        batcher.on_batch = None
     complete = all(r["status"] != "skipped" for r in records)
     header.update(jacobian_strategy=jacobian_strategies(records), problems=problems, complete=complete)
     run_info.update(units_reused=reused, partial_results=str(path))
@@ -333,9 +354,28 @@ def audit(
             n_shards,
         )
     report = build_report(header, records, run_info, t0)
+    estimated = plan_estimate.seconds
+    log.info(
+        "finished in %s%s",
+        duration_text(run_info["wall_time_s"]),
+        f" (the plan estimated {duration_text(estimated)})" if estimated is not None else "",
+    )
     if not explicit and complete:
         path.unlink(missing_ok=True)
     return report
+
+
+class _PhaseClock:
+    """Wall seconds per phase of an audit: :meth:`stop` adds the time since the previous stop to ``name``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 3)
+        self.last = now
 
 
 def _signature() -> inspect.Signature:

@@ -6,8 +6,9 @@ options of every registered diagnostic (and, through the loop-integral diagnosti
 then the core options below (:data:`CORE_OPTIONS`).
 
 Defaults that depend on the device (``None`` in the table) are filled in by :func:`device_defaults`:
-the paper's 256 samples per time point and 1000 nodes per loop on a GPU, a *CPU-scaled* 32 samples and
-128 nodes on a CPU (the audit says so in its log and its report).
+the paper's 256 samples per time point and 1000 nodes per loop on a GPU; on a CPU, *CPU-scaled* 32 samples
+and, per loop type, the nodes its quadrature rule needs (:attr:`~conservcheck.geometry.loops.LoopType.cpu_points`;
+the audit says so in its log and its report).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from conservcheck import diagnostics
-from conservcheck.diagnostics.loop_integral import CPU_POINTS, PAPER_POINTS
+from conservcheck.diagnostics.loop_integral import loop_points
 from conservcheck.errors import UsageError
 from conservcheck.precision import MODES
 from conservcheck.settings import (
@@ -298,23 +299,48 @@ def resolve_device(device: str) -> torch.device:
 
 
 def device_defaults(options: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], bool]:
-    """Fill the device-dependent defaults; returns (options, whether CPU-scaled defaults were used)."""
+    """Fill the device-dependent defaults; returns (options, whether CPU-scaled defaults were used).
+
+    ``loop_points`` is added: the nodes per loop of each selected loop type
+    (:func:`~conservcheck.diagnostics.loop_integral.loop_points`); ``n_points`` stays None when ``--points``
+    was not given.
+    """
     out = dict(options)
     on_cpu = device.type == "cpu"
     scaled = False
     if out["n_samples"] is None:
         out["n_samples"] = CPU_SAMPLES if on_cpu else PAPER_SAMPLES
         scaled |= on_cpu
-    if out["n_points"] is None:
-        out["n_points"] = CPU_POINTS if on_cpu else PAPER_POINTS
-        scaled |= on_cpu
+    out["loop_points"] = loop_points(out["n_points"], out["paths"], device)
+    scaled |= on_cpu and out["n_points"] is None and bool(out["paths"])
     return out, scaled
+
+
+def numeric_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that decide the numbers (the report's ``options`` without ``cpu_scaled``): every numeric
+    option of the table and, once :func:`device_defaults` has filled it, ``loop_points``."""
+    out = {o.name: options[o.name] for o in audit_options() if o.numeric}
+    if "loop_points" in options:
+        out["loop_points"] = options["loop_points"]
+    return out
+
+
+def cpu_scaled_text(options: dict[str, Any]) -> str:
+    """The line that says an audit ran with CPU-scaled defaults, from its (report's) options."""
+    nodes = ", ".join(f"{path} {n}" for path, n in (options.get("loop_points") or {}).items())
+    return (
+        f"CPU-scaled defaults: {options['n_samples']} samples per time point"
+        + (f"; nodes per loop: {nodes}" if nodes else "")
+        + " (the paper: 256 samples, 1000 nodes; set --samples / --points)"
+    )
 
 
 __all__ = [
     "CORE_OPTIONS",
     "audit_options",
+    "cpu_scaled_text",
     "device_defaults",
+    "numeric_options",
     "option",
     "resolve_device",
     "resolve_options",

@@ -121,6 +121,18 @@ def _key(probe: VectorFieldProbe, n: int, seed: int, steps: int) -> dict[str, An
     }
 
 
+def _name(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def is_cached(
+    probe: VectorFieldProbe, n: int, seed: int, *, steps: int = 50, cache_dir: str | Path | None = None
+) -> bool:
+    """Whether :func:`model_samples` with these arguments reads its samples from the cache (no model work)."""
+    key = _key(probe, n, seed, steps)
+    return key is not None and _read(cache_folder(cache_dir), _name(key), key, (n, *probe.sample_shape)) is not None
+
+
 def _write(folder: Path, name: str, x: Tensor, key: dict[str, Any]) -> None:
     buf = io.BytesIO()
     np.save(buf, x.detach().cpu().numpy(), allow_pickle=False)
@@ -155,9 +167,9 @@ def model_samples(
     """
     key = _key(probe, n, seed, steps)
     source: dict[str, Any] = {"kind": "model", "sampler": SAMPLER, "steps": steps, "n": n}
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest() if key else None
+    name = _name(key) if key else None
     folder = cache_folder(cache_dir) if key else None
-    if folder is not None and name is not None:
+    if folder is not None and name is not None and key is not None:
         arr = _read(folder, name, key, (n, *probe.sample_shape))
         if arr is not None:
             log.info("x0: %d model samples read from the cache (%s)", n, folder / f"{name}.npy")
@@ -172,4 +184,4 @@ def model_samples(
     return x, source
 
 
-__all__ = ["model_samples", "sample", "time_grid"]
+__all__ = ["is_cached", "model_samples", "sample", "time_grid"]

@@ -50,6 +50,8 @@ class LoopType:
         options: its own audit options; ``params`` holds their values, by option name.
         adaptive: whether ``n_points="auto"`` may refine it until the quadrature converges (False when
             refining changes the loop itself, as for a Brownian bridge).
+        cpu_points: its nodes per loop in a CPU audit without ``--points``: what its default rule needs to
+            resolve the loop integral (a GPU audit uses the paper's 1000 for every loop type).
         in_default: part of the audit's default ``--paths``.
         describe: ``describe(params, dim, time, seed) -> dict``: what the report's unit meta records about
             the loops beyond the rule and node count.
@@ -61,6 +63,7 @@ class LoopType:
     summary: str
     options: tuple[Option, ...] = ()
     adaptive: bool = True
+    cpu_points: int = 128
     in_default: bool = True
     describe: Callable[[dict[str, Any], int, TimePoint, int], dict[str, Any]] | None = None
 

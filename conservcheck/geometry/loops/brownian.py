@@ -98,5 +98,8 @@ LOOP = LoopType(
         ),
     ),
     adaptive=False,
+    # Resolving a bridge takes 512+ nodes (benchmarks/RESULTS.md), more than a CPU audit can spend: at 128 the
+    # quadrature floor marks what is not resolved, and --points 512 resolves five of six digits time points.
+    cpu_points=128,
     describe=_describe,
 )

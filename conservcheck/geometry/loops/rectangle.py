@@ -93,6 +93,8 @@ LOOP = LoopType(
             schema={"type": "number", "exclusiveMinimum": 0},
         ),
     ),
+    # Straight edges: Clenshaw–Curtis at 4 nodes per edge already sits at rounding level (benchmarks/RESULTS.md).
+    cpu_points=32,
     in_default=False,
     describe=_describe,
 )
