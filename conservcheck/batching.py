@@ -95,7 +95,7 @@ def find_batch_size(probe: VectorFieldProbe, cache_dir: str | Path | None = None
 class Batcher:
     """Runs ``fn`` over row chunks, halving the chunk size on out-of-memory; remembers what fit.
 
-    ``on_batch``, when set, is called after every chunk (an audit's progress lines use it).
+    ``on_batch``, when set, is called after every chunk with its number of rows (an audit's progress uses it).
     """
 
     def __init__(
@@ -110,7 +110,7 @@ class Batcher:
             self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError("batch_size must be a positive integer or 'auto'")
-        self.on_batch: Callable[[], None] | None = None
+        self.on_batch: Callable[[int], None] | None = None
 
     def map(self, fn: Callable[..., Tensor], *arrays: Tensor) -> Tensor:
         """Concatenate ``fn(*chunks)`` over aligned row chunks of ``arrays``."""
@@ -127,9 +127,9 @@ class Batcher:
                 self.batch_size = max(1, self.batch_size // 2)
                 _free_cuda()
                 continue
-            start = stop
             if self.on_batch is not None:
-                self.on_batch()
+                self.on_batch(stop - start)
+            start = stop
         return torch.cat(outs, 0) if outs else arrays[0].new_zeros((0,))
 
 

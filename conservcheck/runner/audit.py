@@ -201,10 +201,11 @@ def audit(
         model: a :class:`VectorFieldProbe`, or a reference string (``embedded:digits``, a hub id
             ``owner/name``, a local folder or file, ``module:factory``).
         progress: optional callback ``progress(done, total, description)`` (work in estimated model
-            evaluations) called as x0 sampling and each unit start and finish. The same progress also
-            reaches the logger ``conservcheck.progress`` (INFO, one line at most every 10 s), and
-            the plan — units, model evaluations and the time they will take, from a timed forward pass
-            (:mod:`conservcheck.runner.estimate`) — the logger ``conservcheck`` before any work starts.
+            evaluations) called as x0 sampling and each unit start and finish, and between model batches.
+            The same progress also reaches the logger ``conservcheck.progress`` (INFO, one line at most
+            every 10 s), and the plan — units, model evaluations and the time they will take, from a timed
+            forward pass (:mod:`conservcheck.runner.estimate`) — the logger ``conservcheck`` before any
+            work starts.
         **options: the audit options of :data:`conservcheck.runner.options.OPTIONS` (``paths``, ``curl``,
             ``stein``, ``times`` / ``time_indices`` / ``sigmas``, ``n_samples``, ``n_points``, ``device``,
             ``precision``, ``batch_size``, ``seed``, ``data``, ``revision``, ``cache_dir``,
@@ -271,7 +272,7 @@ def audit(
         x0, source = data
         log.info("x0: %d samples from %s (%s)", len(x0), opts["data"], source["mapping"])
     else:
-        tracker.begin("drawing x0 from the model")
+        tracker.begin("drawing x0 from the model", sampling_cost)
         try:
             x0, source = _with_hash(
                 *model_samples(
@@ -330,7 +331,7 @@ def audit(
                 continue
             what = f"{spec.diagnostic}.{spec.variant} {spec.field} {spec.time.key}"
             if rec is None:
-                tracker.begin(what)
+                tracker.begin(what, spec.cost)
                 rec = run_unit(spec, fields[spec.field], x0, opts["seed"], batcher)
                 journal.append(rec)
                 clock.stop(f"{spec.diagnostic}.{spec.variant}")

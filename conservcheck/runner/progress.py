@@ -1,15 +1,16 @@
 """How far an audit has come: a callback for API users and periodic log lines for everyone else.
 
 Work is counted in estimated model evaluations (:mod:`conservcheck.runner.estimate`). :class:`ProgressLog`
-calls the optional callback ``progress(done, total, description)`` whenever work finishes, and logs one
-line on the logger ``conservcheck.progress`` at most every ``interval`` seconds — when work finishes, and
-from the batcher between model batches (:meth:`ProgressLog.tick`), so a long unit is not silent:
+calls the optional callback ``progress(done, total, description)`` as work starts and finishes and between
+model batches (:meth:`ProgressLog.tick`, which the batcher calls with the rows it just evaluated), and
+logs one line on the logger ``conservcheck.progress`` at most every ``interval`` seconds, so a long unit
+is not silent:
 
     progress 41%: 15 of 36 units, now loop.brownian model k=250; 21 s elapsed, about 30 s left
 
 A terminal's progress bar replaces these lines (the CLI turns the logger down while it draws one); with
 stderr redirected to a file or a CI log they are what shows the audit is alive. The time left is the
-work left at the rate measured so far (at the start, at the estimate's rate).
+work left at the rate measured so far (before any model batch has finished, at the estimate's rate).
 """
 
 from __future__ import annotations
@@ -60,42 +61,50 @@ class ProgressLog:
         self.done = 0.0
         self.units_done = 0
         self.now = "starting"
+        self.current = 0.0
+        self.partial = 0.0
 
-    def begin(self, description: str) -> None:
-        """Work on ``description`` starts (what the next line says is running)."""
-        self.now = description
-        if self.callback is not None:
-            self.callback(self.done, self.total, description)
-        self._maybe_log()
+    @property
+    def progress(self) -> float:
+        """Work done, in model evaluations: finished work and the rows evaluated so far of the current piece
+        (at most its planned work; a Jacobian product's row counts as one)."""
+        return min(self.total, self.done + min(self.partial, self.current))
+
+    def begin(self, description: str, work: float = 0.0) -> None:
+        """Work on ``description`` (``work`` model evaluations) starts: the next line names it."""
+        self.now, self.current, self.partial = description, float(work), 0.0
+        self._report(description)
 
     def advance(self, work: float, description: str, unit: bool = True) -> None:
         """``work`` model evaluations finished (a unit, when ``unit``)."""
         self.done = min(self.total, self.done + work)
+        self.current = self.partial = 0.0
         self.units_done += int(unit)
-        if self.callback is not None:
-            self.callback(self.done, self.total, description)
-        self._maybe_log()
+        self._report(description)
 
-    def tick(self) -> None:
-        """Called between model batches: a line if ``interval`` has passed since the last one."""
-        self._maybe_log()
+    def tick(self, rows: int = 0) -> None:
+        """Called between model batches with the rows just evaluated; a line if ``interval`` has passed."""
+        self.partial += rows
+        self._report(self.now)
 
     def left(self) -> float | None:
-        """Seconds left at the rate so far (the estimate's rate before any work finished); None if unknown."""
-        elapsed = self.clock() - self.start
-        rate = elapsed / self.done if self.done > 0 else self.seconds_per_eval
-        return None if rate is None else (self.total - self.done) * rate
+        """Seconds left at the rate so far (the estimate's rate before any work is done); None if unknown."""
+        elapsed, done = self.clock() - self.start, self.progress
+        rate = elapsed / done if done > 0 else self.seconds_per_eval
+        return None if rate is None else (self.total - done) * rate
 
     def line(self) -> str:
         elapsed = self.clock() - self.start
         left = self.left()
         eta = f", about {duration_text(left)} left" if left is not None else ""
         return (
-            f"progress {100 * self.done / self.total:.0f}%: {self.units_done} of {self.n_units} units, "
+            f"progress {100 * self.progress / self.total:.0f}%: {self.units_done} of {self.n_units} units, "
             f"now {self.now}; {duration_text(elapsed)} elapsed{eta}"
         )
 
-    def _maybe_log(self) -> None:
+    def _report(self, description: str) -> None:
+        if self.callback is not None:
+            self.callback(self.progress, self.total, description)
         now = self.clock()
         if now - self.last_line >= self.interval:
             self.last_line = now
