@@ -143,6 +143,7 @@ def train(args: argparse.Namespace) -> dict:
         },
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"model saved to {out}", flush=True)
     if args.samples:
         write_samples(pipe, pathlib.Path(args.samples), args.seed)
     return record

@@ -156,6 +156,7 @@ def train(args: argparse.Namespace) -> dict:
         },
     }
     (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"model saved to {out}", flush=True)
     return record
 
 

@@ -201,9 +201,9 @@ def audit(
         model: a :class:`VectorFieldProbe`, or a reference string (``embedded:digits``, a hub id
             ``owner/name``, a local folder or file, ``module:factory``).
         progress: optional callback ``progress(done, total, description)`` (work in estimated model
-            evaluations) called as x0 sampling and each unit start and finish, and between model batches.
-            The same progress also reaches the logger ``conservcheck.progress`` (INFO, one line at most
-            every 10 s), and the plan — units, model evaluations and the time they will take, from a timed
+            evaluations) called as x0 sampling starts and as each unit finishes. Progress also reaches
+            the logger ``conservcheck.progress`` (INFO, one line at most every 10 s, between model
+            batches too), and the plan — units, model evaluations and the time they will take, from a timed
             forward pass (:mod:`conservcheck.runner.estimate`) — the logger ``conservcheck`` before any
             work starts.
         **options: the audit options of :data:`conservcheck.runner.options.OPTIONS` (``paths``, ``curl``,
@@ -272,7 +272,7 @@ def audit(
         x0, source = data
         log.info("x0: %d samples from %s (%s)", len(x0), opts["data"], source["mapping"])
     else:
-        tracker.begin("drawing x0 from the model", sampling_cost)
+        tracker.begin("drawing x0 from the model", sampling_cost, notify=True)
         try:
             x0, source = _with_hash(
                 *model_samples(

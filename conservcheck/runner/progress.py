@@ -1,10 +1,10 @@
 """How far an audit has come: a callback for API users and periodic log lines for everyone else.
 
 Work is counted in estimated model evaluations (:mod:`conservcheck.runner.estimate`). :class:`ProgressLog`
-calls the optional callback ``progress(done, total, description)`` as work starts and finishes and between
-model batches (:meth:`ProgressLog.tick`, which the batcher calls with the rows it just evaluated), and
-logs one line on the logger ``conservcheck.progress`` at most every ``interval`` seconds, so a long unit
-is not silent:
+calls the optional callback ``progress(done, total, description)`` as x0 sampling starts and as each unit
+finishes, and logs one line on the logger ``conservcheck.progress`` at most every ``interval`` seconds —
+also from the batcher between model batches (:meth:`ProgressLog.tick`, with the rows just evaluated, which
+count towards the running unit), so a long unit is not silent:
 
     progress 41%: 15 of 36 units, now loop.brownian model k=250; 21 s elapsed, about 30 s left
 
@@ -70,22 +70,23 @@ class ProgressLog:
         (at most its planned work; a Jacobian product's row counts as one)."""
         return min(self.total, self.done + min(self.partial, self.current))
 
-    def begin(self, description: str, work: float = 0.0) -> None:
-        """Work on ``description`` (``work`` model evaluations) starts: the next line names it."""
+    def begin(self, description: str, work: float = 0.0, notify: bool = False) -> None:
+        """Work on ``description`` (``work`` model evaluations) starts: the next line names it; the callback
+        hears of it with ``notify``."""
         self.now, self.current, self.partial = description, float(work), 0.0
-        self._report(description)
+        self._report(description, notify)
 
     def advance(self, work: float, description: str, unit: bool = True) -> None:
-        """``work`` model evaluations finished (a unit, when ``unit``)."""
+        """``work`` model evaluations finished: a unit, when ``unit`` (the callback hears of units only)."""
         self.done = min(self.total, self.done + work)
         self.current = self.partial = 0.0
         self.units_done += int(unit)
-        self._report(description)
+        self._report(description, unit)
 
     def tick(self, rows: int = 0) -> None:
         """Called between model batches with the rows just evaluated; a line if ``interval`` has passed."""
         self.partial += rows
-        self._report(self.now)
+        self._report(self.now, False)
 
     def left(self) -> float | None:
         """Seconds left at the rate so far (the estimate's rate before any work is done); None if unknown."""
@@ -102,8 +103,8 @@ class ProgressLog:
             f"now {self.now}; {duration_text(elapsed)} elapsed{eta}"
         )
 
-    def _report(self, description: str) -> None:
-        if self.callback is not None:
+    def _report(self, description: str, notify: bool) -> None:
+        if notify and self.callback is not None:
             self.callback(self.progress, self.total, description)
         now = self.clock()
         if now - self.last_line >= self.interval:
