@@ -282,7 +282,7 @@ def test_cpu_scaled_defaults_are_announced(files):
         files["cache"],
     )
     assert r.exit_code == 0, r.output
-    assert "CPU-scaled defaults: 32 samples per time point, 128 nodes per loop" in r.stdout
+    assert "CPU-scaled defaults: 32 samples per time point; nodes per loop: rotation 48" in r.stdout
 
 
 # ---------------------------------------------------------------------------------------- mistakes

@@ -118,6 +118,9 @@ def test_forward_timing_grows_the_batch_up_to_the_audit_batch_and_no_further():
     calls.clear()
     forward_seconds(_probe(calls), batch_size=8)
     assert calls == [8, 8, 8]
+    calls.clear()
+    forward_seconds(_probe(calls), batch_size=10**6)
+    assert max(calls) == 1024 and calls[-2:] == [1024, 1024]
 
 
 # ------------------------------------------------------------------------------------------- progress

@@ -364,7 +364,8 @@ def test_memory_budget_bounds_the_loops_held_at_once_and_changes_no_number(files
     gm = _mixture()
 
     def fn(x, t):
-        calls.append(x.shape[0])
+        if bool((t == 0.5).all()):  # the loops' calls (the contract check and the plan's timing run elsewhere)
+            calls.append(x.shape[0])
         return gm.score(x, t)
 
     probe = VectorFieldProbe(fn, process=OUProcess(), sample_shape=(3,), data_range=(-5.0, 5.0), dtype=torch.float64)

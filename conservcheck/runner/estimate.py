@@ -27,8 +27,9 @@ from conservcheck.runner.units import UnitSpec
 
 #: A forward-pass timing stops growing its batch once one pass takes this long (seconds).
 TIMING_SECONDS = 0.2
-#: Smallest batch timed; it doubles up to the audit's batch size.
+#: Smallest batch timed; it doubles up to the audit's batch size, or at most to :data:`TIMING_MAX`.
 TIMING_START = 32
+TIMING_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,16 @@ def forward_seconds(probe: VectorFieldProbe, batch_size: int, t: float | None = 
     """Seconds per sample of one batched forward pass of ``probe`` (no autograd), measured.
 
     One untimed pass first (lazy initialisation, kernel selection), then batches of 32, 64, … rows until
-    one pass takes :data:`TIMING_SECONDS` or the batch reaches ``batch_size``; at that size the best of two
+    one pass takes :data:`TIMING_SECONDS` or the batch reaches ``batch_size`` (or 1024 rows, where a pass
+    of a model worth timing is long enough); at that size the best of two
     passes counts, so one slow spell of a shared machine does not set the estimate. Small batches are
     not timed: on a CPU their per-sample time says little about the audit's batches. The inputs are
     unit-variance noise at the middle of the process's noise range. Costs about three times the last pass.
     """
     shape = probe.sample_shape
     tt = probe.process.t_from_sigma(torch.tensor(0.5, dtype=torch.float64)) if t is None else t
-    size = min(TIMING_START, batch_size)
+    largest = min(batch_size, TIMING_MAX)
+    size = min(TIMING_START, largest)
 
     def timed(rows: int) -> float:
         x = torch.randn(rows, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -153,9 +156,9 @@ def forward_seconds(probe: VectorFieldProbe, batch_size: int, t: float | None = 
     timed(size)
     while True:
         seconds = timed(size)
-        if seconds >= TIMING_SECONDS or size >= batch_size:
+        if seconds >= TIMING_SECONDS or size >= largest:
             return min(seconds, timed(size)) / size
-        size = min(batch_size, 2 * size)
+        size = min(largest, 2 * size)
 
 
 def _sync(device: torch.device) -> None:
