@@ -102,7 +102,9 @@ def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, 
     ax.set_ylabel(label)
     ax.set_title(f"{diagnostic}: {metric} — median, q25–q75 band", fontsize=10)
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both" if log else "major")
+    ax.grid(alpha=0.3)
+    if log:
+        ax.grid(alpha=0.1, which="minor")
     return fig
 
 
