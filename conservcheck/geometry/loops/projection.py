@@ -174,7 +174,7 @@ LOOP = LoopType(
             schema={"type": "integer"},
         ),
     ),
-    # Clenshaw–Curtis, 12 nodes on each of the 8 edges: the quadrature floor ≥ 42× below the digits DDPM's values.
+    # Clenshaw–Curtis, 12 nodes on each of the 8 edges: the quadrature floor ≥ 47× below the digits DDPM's values.
     cpu_points=96,
     describe=_describe,
 )
