@@ -83,7 +83,7 @@ def cache_folder(cache_dir: str | Path | None = None, namespace: str = "samples"
     """
     from huggingface_hub import cached_assets_path
 
-    kw = {"assets_dir": Path(cache_dir).expanduser()} if cache_dir is not None else {}
+    kw: dict[str, Any] = {"assets_dir": Path(cache_dir).expanduser()} if cache_dir is not None else {}
     return Path(cached_assets_path(library_name="conservcheck", subfolder=namespace, **kw))
 
 

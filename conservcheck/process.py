@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,7 +100,7 @@ class Process:
                 "choose time points strictly inside that range",
             )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "time": self.time_name}
 
 
@@ -221,13 +222,18 @@ class TimeConvention:
     name = "canonical"
     discrete = False
 
+    @property
+    def num_steps(self) -> int | None:
+        """The number of native steps of a discrete schedule; None for continuous time."""
+        return None
+
     def to_canonical(self, native: Tensor) -> Tensor:
         return _t(native)
 
     def from_canonical(self, t: Tensor) -> Tensor:
         return _t(t)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name}
 
 
@@ -277,7 +283,7 @@ class DiscreteSchedule(TimeConvention):
         w = (t.reshape(-1) - grid[lo]) / (grid[hi] - grid[lo])
         return (lo + w.clamp(0, 1)).reshape(t.shape)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "num_steps": self.num_steps}
 
     @classmethod
@@ -338,5 +344,5 @@ class VPSDETime(TimeConvention):
         b = self.beta_min
         return (-b + torch.sqrt(b * b + 8 * a * t)) / (2 * a)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max}

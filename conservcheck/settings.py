@@ -86,10 +86,10 @@ def optional_text(value: Any) -> str | None:
     return text or None
 
 
-def numbers(flag: str, whole: bool) -> Callable[[Any], tuple | None]:
+def numbers(flag: str, whole: bool) -> Callable[[Any], tuple[float, ...] | None]:
     """Comma-separated positive numbers (``whole``: non-negative integers, also ranges start:stop[:step])."""
 
-    def parse(value: Any) -> tuple | None:
+    def parse(value: Any) -> tuple[float, ...] | None:
         if value is None:
             return None
         out: list[float | int] = []

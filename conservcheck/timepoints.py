@@ -91,7 +91,7 @@ def noise_span(probe: VectorFieldProbe) -> tuple[float, float]:
     σ = :data:`END_SIGMA_REL` (× the width for VE).
     """
     conv, proc = probe.time_convention, probe.process
-    if conv.discrete:
+    if conv.num_steps is not None:
         grid = conv.to_canonical(torch.tensor([conv.num_steps - 1, 0], dtype=torch.float64))
         return float(grid[0]), float(grid[1])
     width = probe.data_range[1] - probe.data_range[0]
@@ -113,7 +113,7 @@ def time_points(
 ) -> list[TimePoint]:
     """The audit's time points, sorted from clean to noisy, duplicates removed (defaults: module doc)."""
     conv, proc = probe.time_convention, probe.process
-    steps = getattr(conv, "num_steps", None) if conv.discrete else None
+    steps = conv.num_steps
     if time_indices is not None:
         if steps is None:
             raise UsageError(

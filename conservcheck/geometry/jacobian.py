@@ -50,7 +50,7 @@ from conservcheck import rng
 from conservcheck.errors import ProbeContractError, UsageError, reason
 from conservcheck.precision import PRECISIONS, check_mode
 
-Field = Callable[[Tensor, Tensor], Tensor]
+Field = Callable[[Tensor, Tensor | float], Tensor]
 
 STRATEGIES = ("jvp", "double_vjp", "fd")
 # Forward-pass equivalents of one product per sample (see module docstring).
@@ -72,7 +72,7 @@ def _check_strategy(strategy: str) -> None:
 def rel_step_for(precision: str | torch.dtype) -> float:
     """∛ε for a precision name (``fp64``, ``fp32``, ``tf32``, ``bf16``) or a floating dtype."""
     eps = PRECISIONS[check_mode(precision)].eps if isinstance(precision, str) else torch.finfo(precision).eps
-    return float(eps) ** (1.0 / 3.0)
+    return math.pow(float(eps), 1.0 / 3.0)
 
 
 def _per_sample(h: Tensor, x: Tensor) -> Tensor:
@@ -98,13 +98,15 @@ def _fd_jvp(fn: Field, x: Tensor, t: Tensor | float, v: Tensor, rel_step: float 
 
 
 def _forward_jvp(fn: Field, x: Tensor, t: Tensor | float, v: Tensor) -> Tensor:
-    return torch.func.jvp(lambda y: fn(y, t), (x,), (v,))[1]
+    out: Tensor = torch.func.jvp(lambda y: fn(y, t), (x,), (v,))[1]
+    return out
 
 
 def _func_vjp(fn: Field, x: Tensor, t: Tensor | float, v: Tensor) -> Tensor:
     with torch.enable_grad():
-        _, pullback = torch.func.vjp(lambda y: fn(y, t), x)
-        return pullback(v)[0]
+        pullback = torch.func.vjp(lambda y: fn(y, t), x)[1]
+        out: Tensor = pullback(v)[0]
+        return out
 
 
 def _double_vjp(fn: Field, x: Tensor, t: Tensor | float, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -58,7 +58,7 @@ def time_grid(probe: VectorFieldProbe, steps: int) -> Tensor:
     ``steps`` times evenly spaced in log-SNR over :func:`~conservcheck.timepoints.noise_span`.
     """
     conv = probe.time_convention
-    if conv.discrete:
+    if conv.num_steps is not None:
         k = torch.linspace(conv.num_steps - 1, 0, steps, dtype=torch.float64).round().unique_consecutive()
         return conv.to_canonical(k)
     return log_snr_grid(probe.process, *noise_span(probe), steps)
