@@ -11,7 +11,7 @@ and ``dtype=`` when its signature takes them — which returns either
           return net, dict(parameterization="epsilon", process="ou", time_convention="linear", sample_shape=(3, 32, 32))
 
 Declaration keys: ``parameterization`` (score, epsilon, x0, v, velocity), ``process`` (a
-:class:`~conservcheck.process.Process` or ``ou``/``vp``, ``ve``, ``flow``), ``sample_shape`` — all three
+:class:`~conservcheck.process.Process` or ``ou``/``vp``, ``ve``, ``flow``, ``subvp``), ``sample_shape`` — all three
 required — and optionally ``time_convention`` (a :class:`~conservcheck.process.TimeConvention` or one of
 :data:`TIME_CONVENTIONS`: the identity, DDPM schedules with T = 1000 and their default β, score_sde's VP
 time), ``data_range`` (default (−1, 1)), ``precision`` and ``name``. A model that is an ``nn.Module`` is

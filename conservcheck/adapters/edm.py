@@ -25,8 +25,11 @@ parameterization.
 
 :func:`wrap` builds a probe from a raw network F and a preconditioning name, or from a module that is
 already a denoiser. :func:`load` reads EDM's network pickles (``network-snapshot-*.pkl``, the ``ema``
-entry): they are pickles of the module itself, so loading them runs code and needs
-``trust_remote_code=True``, and NVlabs/edm's ``torch_utils`` and ``dnnlib`` must be importable. Those
+entry): they are pickles of the module itself whose classes ``torch_utils.persistence`` stores as the
+source of their Python module, executed again when the pickle loads — so loading runs code and needs
+``trust_remote_code=True``, and NVlabs/edm's ``torch_utils`` and ``dnnlib`` must be importable (the
+pickle references ``torch_utils.persistence._reconstruct_persistent_obj``; the embedded source imports
+``torch_utils`` modules too). Those
 networks compute in float32 whatever the probe's dtype (EDM's preconditioners cast their inputs), and
 their attention is a legacy ``torch.autograd.Function`` (``AttentionOp``) that has no forward-mode rule
 and does not work under ``torch.func`` transforms.
@@ -306,6 +309,13 @@ def detect(path: pathlib.Path) -> bool:
         return True
 
 
+#: What unpickling an EDM network pickle needs besides the trust flag.
+EDM_REPO_HINT = (
+    "put NVlabs/edm's repository on PYTHONPATH (e.g. PYTHONPATH=/path/to/edm): the pickle carries its networks' "
+    "source but imports torch_utils and dnnlib from there"
+)
+
+
 def _unpickle(file: pathlib.Path) -> Any:
     try:
         if zipfile.is_zipfile(file):
@@ -314,8 +324,7 @@ def _unpickle(file: pathlib.Path) -> Any:
             return pickle.load(f)
     except ModuleNotFoundError as err:
         raise ModelLoadError(
-            f"unpickling {file.name} needs the module {err.name!r}",
-            "put NVlabs/edm's repository (its torch_utils and dnnlib packages) on PYTHONPATH",
+            f"unpickling {file.name} imports the module {err.name!r}, which is not installed", EDM_REPO_HINT
         ) from err
     except Exception as err:
         raise ModelLoadError(
@@ -346,8 +355,10 @@ def load(
         )
     if not trust_remote_code:
         raise ModelLoadError(
-            f"{file.name} is a pickled network: loading it runs code from the file",
-            "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source",
+            f"{file.name} is a pickled network: loading it runs code from the file (the network source that "
+            "torch_utils.persistence embeds)",
+            "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source, with NVlabs/edm's "
+            "repository on PYTHONPATH for its torch_utils and dnnlib",
         )
     obj = _unpickle(file)
     key = options.get("key", "ema")
