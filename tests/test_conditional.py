@@ -98,7 +98,9 @@ def test_assignment_is_keyed_by_sample_index():
 
 def _checks(report, diagnostic, variant=None):
     return [
-        c for c in report.verdict.checks if c["diagnostic"] == diagnostic and (variant is None or c["variant"] == variant)
+        c
+        for c in report.verdict.checks
+        if c["diagnostic"] == diagnostic and (variant is None or c["variant"] == variant)
     ]
 
 

@@ -140,9 +140,7 @@ def save_sd_pipeline(folder: pathlib.Path, version: str = "1", text_weights: str
     save_clip_tokenizer(folder / "tokenizer")
     common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     if sd2:
-        sched = DDIMScheduler(
-            **common, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction"
-        )
+        sched = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction")
     else:
         sched = PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False, prediction_type="epsilon")
     sched.save_pretrained(folder / "scheduler")
