@@ -133,7 +133,10 @@ def condition_line(cond: dict[str, Any]) -> str:
             else f"class label{'s' if len(labels) != 1 else ''} "
             + (", ".join(map(str, labels[:8])) + (" …" if len(labels) > 8 else ""))
         )
-    spread = {"cycle": "cycled over samples", "random": "a seeded draw per sample"}.get(cond.get("assignment"), "")
+    many = len(cond.get("prompts") or []) > 1 or (
+        isinstance(cond.get("class_labels"), list) and len(cond["class_labels"]) > 1
+    )
+    spread = "a seeded draw per sample" if cond.get("assignment") == "random" else "cycled over samples" if many else ""
     scales = ", ".join(f"{w:g}" for w in cond.get("guidance_scales") or [])
     return f"conditions: {what}{', ' + spread if spread else ''}; guidance w = {scales}"
 
