@@ -3,7 +3,9 @@
 A probe wraps any callable ``fn(x, native_time) -> output`` together with what decides its units: the
 noising process (canonical time), the model's time convention, and the parameterization of its output.
 It answers :meth:`VectorFieldProbe.score` in score units ∇ₓ log p_t(x) at canonical time t. Nothing
-downstream of the probe knows the model's native units.
+downstream of the probe knows the model's native units. A conditional model is one field per condition:
+its ``fn`` is a :class:`~conservcheck.conditioning.ConditionalField` at a selected condition and
+classifier-free guidance scale (:mod:`conservcheck.conditioning`); unconditional models are unchanged.
 
 Three lines wrap a custom epsilon-network trained with DDPM's linear schedule::
 
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from conservcheck.conditioning import Conditioning, field_of
 from conservcheck.errors import ProbeContractError, UsageError
 from conservcheck.parameterization import canonical_name, to_score
 from conservcheck.precision import check_mode, forward_context
@@ -96,6 +99,14 @@ class VectorFieldProbe:
         self.info = info if info is not None else ProbeInfo()
 
     @property
+    def conditioning(self) -> Conditioning | None:
+        """What the field is conditioned on when ``fn`` is a :class:`~conservcheck.conditioning.ConditionalField`
+        (None: an unconditional model); select a condition and guidance scale with
+        :func:`conservcheck.conditioning.select`."""
+        field_ = field_of(self)
+        return field_.conditioning if field_ is not None else None
+
+    @property
     def dim(self) -> int:
         """Number of components D of one sample."""
         n = 1
@@ -144,7 +155,10 @@ class VectorFieldProbe:
     __call__ = score
 
     def describe(self) -> dict[str, Any]:
-        """Everything that decides this probe's units, for reports."""
+        """Everything that decides this probe's units (and, for a conditional model, its conditions), for
+        reports."""
+        conditioning = self.conditioning
+        extra = {"conditioning": conditioning.describe()} if conditioning is not None else {}
         return {
             **self.info.to_dict(),
             "parameterization": self.parameterization,
@@ -155,4 +169,5 @@ class VectorFieldProbe:
             "dtype": str(self.dtype).replace("torch.", ""),
             "precision": self.precision,
             "device": str(self.device),
+            **extra,
         }

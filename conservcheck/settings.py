@@ -175,7 +175,8 @@ class Option:
     ``default`` is what an unset option means (``None`` where it depends on the device or the model;
     ``shown`` says what it becomes). ``numeric`` options change the numbers an audit computes: they are
     part of its fingerprint (a resumed audit must match them) and of the report's ``options`` object,
-    whose JSON schema holds ``schema`` for this option; the others only change how it runs.
+    whose JSON schema holds ``schema`` for this option; the others only change how it runs. A
+    ``multiple`` option may be given several times on the command line; its parser gets the list.
     """
 
     name: str
@@ -188,3 +189,4 @@ class Option:
     numeric: bool = True
     is_flag: bool = False
     schema: dict[str, Any] = field(default_factory=dict)
+    multiple: bool = False

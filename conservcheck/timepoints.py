@@ -66,19 +66,39 @@ class TimePoint:
         return {"index": self.index, "t": self.t, "sigma": self.sigma, "alpha": self.alpha}
 
 
-def forward_samples(x0: Tensor, time: TimePoint, seed: int, start: int = 0) -> tuple[Tensor, Tensor]:
+SampleIndex = int | Sequence[int]
+
+
+def sample_index(start: SampleIndex, b: int) -> list[int]:
+    """Global sample indices of b rows: ``start + row`` for an int, or one non-negative index per row (the
+    samples of one condition of a conditional audit are not contiguous). Raises UsageError otherwise."""
+    if isinstance(start, int) and not isinstance(start, bool):
+        if start < 0:
+            raise UsageError(f"start must be a non-negative integer, got {start!r}", "pass the global index of x0[0]")
+        return list(range(start, start + b))
+    try:
+        idx = [int(i) for i in (start.tolist() if isinstance(start, Tensor) else start)]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"start must be an integer or one index per sample, got {start!r}", "pass the global index of x0[0]"
+        ) from None
+    if len(idx) != b or any(i < 0 for i in idx):
+        raise UsageError(f"got {len(idx)} sample indices for {b} samples", "pass one non-negative index per row of x0")
+    return idx
+
+
+def forward_samples(x0: Tensor, time: TimePoint, seed: int, start: SampleIndex = 0) -> tuple[Tensor, Tensor]:
     """x_t = α x0 + σ ε with ε drawn per sample from the stream (seed, "eps", time.key, index).
 
     Args:
-        x0: clean samples [B, *shape]; sample b has global index ``start + b``.
+        x0: clean samples [B, *shape]; sample b has global index ``start + b`` (or ``start[b]`` when
+            ``start`` lists one index per sample).
     Returns:
         (x_t, ε), both shaped like x0, same dtype and device.
     """
+    index = sample_index(start, x0.shape[0])
     eps = torch.stack(
-        [
-            rng.normal(tuple(x0.shape[1:]), seed, "eps", time.key, start + b, dtype=x0.dtype, device=x0.device)
-            for b in range(x0.shape[0])
-        ]
+        [rng.normal(tuple(x0.shape[1:]), seed, "eps", time.key, i, dtype=x0.dtype, device=x0.device) for i in index]
     )
     return time.alpha * x0 + time.sigma * eps, eps
 

@@ -17,7 +17,7 @@ import torch
 
 from conservcheck.adapters import edm
 from conservcheck.adapters.resolve import load_reference
-from conservcheck.errors import ModelLoadError
+from conservcheck.errors import ModelLoadError, UsageError
 from conservcheck.geometry import jacobian
 
 SIGMA_D = 0.8
@@ -189,7 +189,7 @@ def test_pickle_needs_trust(tmp_path):
 
 def test_pickle_errors(tmp_path, ncsnpp_folder):
     path = _write_pickle(tmp_path / "cond", {"ema": EDMPrecond(label_dim=10)})
-    with pytest.raises(ModelLoadError, match="class-conditional"):
+    with pytest.raises(UsageError, match="a class-conditional model needs a class label"):
         edm.load(path, trust_remote_code=True)
     with pytest.raises(ModelLoadError, match="no entry 'net'"):
         edm.load(path, trust_remote_code=True, key="net")

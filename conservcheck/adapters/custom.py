@@ -17,6 +17,10 @@ required — and optionally ``time_convention`` (a :class:`~conservcheck.process
 time), ``data_range`` (default (−1, 1)), ``precision`` and ``name``. A model that is an ``nn.Module`` is
 moved to the device and dtype, put in eval mode and frozen.
 
+A factory for a conditional model returns a probe whose ``fn`` is a
+:class:`~conservcheck.conditioning.ConditionalField`; it receives the audit's ``prompt``,
+``negative_prompt`` and ``class_label`` as keywords when its signature names them.
+
 A module that is not importable from the installed packages is looked for in the current folder too.
 """
 
@@ -116,13 +120,21 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def _call(factory: Callable[..., Any], spec: str, device: Any, dtype: torch.dtype) -> Any:
+def _call(factory: Callable[..., Any], spec: str, device: Any, dtype: torch.dtype, condition: dict[str, Any]) -> Any:
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if k in params or var_kw}
+    refused = [k for k in condition if not (k in params or var_kw)]
+    if refused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        raise UsageError(
+            f"factory {spec} takes no {', '.join(refused)} argument for {flags}",
+            f"drop {flags}, or give the factory a keyword parameter {refused[0]}",
+        )
+    kwargs.update(condition)
     try:
         return factory(**kwargs)
     except ConservcheckError:
@@ -197,11 +209,15 @@ def from_declaration(
 
 
 def load_factory(
-    spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **condition: Any
 ) -> VectorFieldProbe:
-    """Import ``module``, call ``factory`` and return its probe (see the module docstring)."""
+    """Import ``module``, call ``factory`` and return its probe (see the module docstring).
+
+    ``condition`` (``prompt``, ``negative_prompt``, ``class_label``: a conditional model's conditions, as
+    the audit parsed them) is passed as keywords; a factory without such a parameter refuses them.
+    """
     factory = resolve_factory(spec)
-    result = _call(factory, spec, device, dtype)
+    result = _call(factory, spec, device, dtype, condition)
     if isinstance(result, VectorFieldProbe):
         result.info.extra.setdefault("factory", spec)
         return result

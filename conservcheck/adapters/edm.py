@@ -61,7 +61,8 @@ NAME = "edm"
 SUFFIXES = (".pkl", ".pt", ".pth")
 PRECOND_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
 _MARKERS = (b"torch_utils.persistence",) + tuple(name.encode() for name in PRECOND_CLASSES)
-_OPTIONS = ("key", "precision")
+CONDITIONS = ("class_label",)
+_OPTIONS = ("key", "precision", *CONDITIONS)
 # how much of a pickle to scan for EDM's class names in detect()
 
 
@@ -344,7 +345,9 @@ def load(
     """A probe for an EDM network pickle (the preconditioned module under ``key``, default ``"ema"``).
 
     Refused unless ``trust_remote_code`` is true: unpickling the module runs code. Options: ``key`` (the
-    entry of a pickled dict), ``precision`` (default ``fp32``: EDM's networks compute in float32).
+    entry of a pickled dict), ``precision`` (default ``fp32``: EDM's networks compute in float32),
+    ``class_label`` (a class-conditional network's label(s) or ``"random"``:
+    :mod:`conservcheck.adapters.edm_conditional`).
     """
     check_options(options, _OPTIONS)
     path = pathlib.Path(path)
@@ -374,11 +377,9 @@ def load(
             f"{file.name} holds a {type(obj).__name__}, not an EDM preconditioned network",
             "pass a network pickle written by NVlabs/edm",
         )
-    if int(getattr(obj, "label_dim", 0) or 0) > 0:
-        raise ModelLoadError(
-            f"{file.name} holds a class-conditional network ({obj.label_dim} classes)",
-            "fix a class label in a wrapper and load it with a 'module:factory' reference",
-        )
+    label_dim = int(getattr(obj, "label_dim", 0) or 0)
+    if label_dim == 0 and options.get("class_label") is not None:
+        raise UsageError(f"{file.name} holds an unconditional network: it takes no --class-label", "drop --class-label")
     net = obj.eval().requires_grad_(False).to(device)
     res = int(net.img_resolution)
     shape = (int(net.img_channels), res, res)
@@ -402,6 +403,19 @@ def load(
             "autodiff": "attention is a legacy torch.autograd.Function: no forward-mode AD, no torch.func transforms",
         },
     )
+    if label_dim > 0:
+        from conservcheck.adapters import edm_conditional
+
+        return edm_conditional.wrap(
+            net,
+            label_dim=label_dim,
+            class_label=options.get("class_label"),
+            sample_shape=shape,
+            device=device,
+            dtype=dtype,
+            precision=options.get("precision") or "fp32",
+            info=info,
+        )
     return wrap(
         net, sample_shape=shape, device=device, dtype=dtype, precision=options.get("precision") or "fp32", info=info
     )

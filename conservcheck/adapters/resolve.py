@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,20 @@ def _no_revision(revision: str | None, ref: str) -> None:
         raise UsageError(f"a revision was given for {ref!r}, which is not a hub id", "drop the revision")
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _no_condition(condition: Mapping[str, Any], what: str, accepted: tuple[str, ...] = ()) -> None:
+    """Refuse conditions a model does not take, naming the ones it does."""
+    if not condition:
+        return
+    given = ", ".join(_flag(k) for k in condition)
+    if accepted:
+        raise UsageError(f"{what} takes {', '.join(map(_flag, accepted))}, not {given}", f"drop {given}")
+    raise UsageError(f"{what} is unconditional: it takes no {given}", f"drop {given}")
+
+
 def _import(module: str, what: str) -> Any:
     try:
         return importlib.import_module(module)
@@ -120,6 +135,7 @@ def load_reference(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    condition: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> VectorFieldProbe:
     """A probe for a model reference (resolution order in the module docstring).
@@ -131,17 +147,22 @@ def load_reference(
             ``HF_HUB_OFFLINE`` environment variable).
         adapter: use this adapter by name instead of asking each adapter's ``detect``.
         device, dtype, trust_remote_code, options: passed to the adapter's ``load``.
+        condition: the conditions of a conditional model (``prompt``, ``negative_prompt``,
+            ``class_label``), passed to an adapter that lists them in its ``CONDITIONS`` (or to a factory
+            that takes them as keywords); any other adapter refuses them.
     Returns:
         the probe; ``probe.info`` holds reference, revision, weights SHA-256 and the trust flag.
     """
     res = resolve(reference, revision=revision, cache_dir=cache_dir, endpoint=endpoint, offline=offline)
+    condition = dict(condition or {})
     if res.kind == "embedded":
+        _no_condition(condition, f"the embedded model {res.spec!r}")
         probe = _import("conservcheck.adapters.embedded", "embedded models").load(
             res.spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options
         )
     elif res.kind == "factory":
         probe = _import("conservcheck.adapters.custom", "custom factories").load_factory(
-            res.spec, device=device, dtype=dtype
+            res.spec, device=device, dtype=dtype, **condition
         )
     else:
         assert res.path is not None
@@ -156,7 +177,15 @@ def load_reference(
                     "expected a diffusers model folder, a score_sde / EDM checkpoint or a flow model; "
                     "wrap anything else with a 'module:factory' reference",
                 )
-        probe = chosen.load(res.path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+        accepted = tuple(getattr(chosen, "CONDITIONS", ()))
+        _no_condition(
+            {k: v for k, v in condition.items() if k not in accepted},
+            f"a {getattr(chosen, 'NAME', 'this')} model",
+            accepted,
+        )
+        probe = chosen.load(
+            res.path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options, **condition
+        )
     if not isinstance(probe, VectorFieldProbe):
         raise ModelLoadError(
             f"loading {reference!r} returned a {type(probe).__name__}, not a VectorFieldProbe",

@@ -248,7 +248,7 @@ def _run_audit(
 
     exprs = _gates(fail_if or [])
     _check_outputs(json_path, csv_path, junit, exprs)
-    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    given = {k: v for k, v in options.items() if v is not None and v is not False and v != []}
     with _logging(quiet) as err, _terminate_as_interrupt():
         try:
             with _progress(err, not quiet) as progress:
@@ -282,6 +282,21 @@ def _audit_signature() -> list[inspect.Parameter]:
         if o.is_flag:
             params.append(
                 inspect.Parameter(o.name, kw, annotation=bool, default=typer.Option(False, o.flag, help=o.help))
+            )
+        elif o.multiple:
+            params.append(
+                inspect.Parameter(
+                    o.name,
+                    kw,
+                    annotation=list[str] | None,
+                    default=typer.Option(
+                        None,
+                        o.flag,
+                        help=f"{o.help} [default: {shown}]",
+                        metavar=o.metavar,
+                        show_default=False,
+                    ),
+                )
             )
         else:
             params.append(
@@ -426,6 +441,7 @@ def compare_cmd(
             table.add_column(name, justify="right")
         for _, r in rows.iterrows():
             label = f"k={r['time_index']}" if not _isna(r["time_index"]) else f"t={r['t']:.4g}"
+            label += "" if _isna(r["guidance"]) else f", w={r['guidance']:g}"
             table.add_row(label, display.fmt(r["median_a"]), display.fmt(r["median_b"]), display.fmt(r["ratio"]))
         console.print(table)
     display.line(console, f"A {a}: verdict {ra.verdict}")

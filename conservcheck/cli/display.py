@@ -1,7 +1,8 @@
 """What the console shows of a report: the model line, one rich table per diagnostic variant, the verdict.
 
-Rows are time points, columns the statistics of the variant's main metric (its table metrics come from
-the diagnostic registry, :meth:`conservcheck.diagnostics.Diagnostic.table_metrics`). Below 140 columns of
+Rows are time points — for a conditional model, each time point at each guidance scale w, with a ``w``
+column — and columns the statistics of the variant's main metric (its table metrics come from the
+diagnostic registry, :meth:`conservcheck.diagnostics.Diagnostic.table_metrics`). Below 140 columns of
 terminal the mean and its confidence interval are left out, below 100 also the second metric; the JSON
 and CSV reports always hold everything.
 """
@@ -33,7 +34,8 @@ def fmt(v: Any) -> str:
 def tables(report: Any, width: int) -> list[Table]:
     """One table per (diagnostic, variant): rows are time points, columns the statistics (module doc)."""
     summary = report.summary()
-    checks = {(c["diagnostic"], c["variant"], c["time_key"]): c for c in report.verdict.checks}
+    checks = {(c["diagnostic"], c["variant"], c["time_key"], _w(c.get("guidance"))): c for c in report.verdict.checks}
+    guided = bool(summary["guidance"].notna().any())
     out = []
     groups = summary[["diagnostic", "variant"]].drop_duplicates().itertuples(index=False)
     for diag, variant in groups:
@@ -46,8 +48,10 @@ def tables(report: Any, width: int) -> list[Table]:
             continue
         extra = extra if width >= 100 else None
         graded = spec is not None and spec.headline_metric(variant) == main
-        columns: list[tuple[str, Any]] = [
-            ("time", lambda r, c: report.time_label(r["time_key"])),
+        columns: list[tuple[str, Any]] = [("time", lambda r, c: report.time_label(r["time_key"]))]
+        if guided:
+            columns.append(("w", lambda r, c: fmt(_w(r["guidance"]))))
+        columns += [
             ("σ", lambda r, c: fmt(float(r["sigma"]))),
             ("median", lambda r, c: fmt(r["median"])),
             ("q25 – q75", lambda r, c: f"{fmt(r['q25'])} – {fmt(r['q75'])}"),
@@ -61,7 +65,8 @@ def tables(report: Any, width: int) -> list[Table]:
         if extra:
 
             def extra_median(r: Any, c: Any, metric: str = extra) -> str:
-                e = rows[(rows["metric"] == metric) & (rows["time_key"] == r["time_key"])]["median"]
+                same_w = rows["guidance"].map(lambda g: _w(g) == _w(r["guidance"])).astype(bool)
+                e = rows[(rows["metric"] == metric) & (rows["time_key"] == r["time_key"]) & same_w]["median"]
                 return fmt(float(e.iloc[0])) if len(e) else "—"
 
             columns.append((f"{extra} median", extra_median))
@@ -75,10 +80,15 @@ def tables(report: Any, width: int) -> list[Table]:
         for name, _ in columns:
             table.add_column(name, justify="left" if name == "check" else "right", no_wrap=True)
         for _, r in rows[rows["metric"] == main].iterrows():
-            c = checks.get((diag, variant, r["time_key"]), {})
+            c = checks.get((diag, variant, r["time_key"], _w(r["guidance"])), {})
             table.add_row(*[cell(r, c) for _, cell in columns])
         out.append(table)
     return out
+
+
+def _w(value: Any) -> float | None:
+    """A guidance scale as a float, None for none (NaN in a table)."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 def describe(report: Any) -> list[str]:
@@ -88,6 +98,9 @@ def describe(report: Any) -> list[str]:
         f"model {name} ({m.get('adapter')}, {m.get('parameterization')} → score, {m['process']['name']} process) "
         f"on {report.header['environment']['device']}, precision {m.get('precision')}"
     ]
+    cond = m.get("conditioning")
+    if cond:
+        lines.append(condition_line(cond))
     if src.get("kind") == "model":
         lines.append(
             f"x0: {src.get('n')} samples drawn from the model (deterministic DPM-Solver++(2M), "
@@ -101,6 +114,31 @@ def describe(report: Any) -> list[str]:
             "(the paper: 256 and 1000; set --samples / --points)"
         )
     return lines
+
+
+def condition_line(cond: dict[str, Any]) -> str:
+    """``conditions: 2 prompts ('a cat', 'a dog'), cycled over samples; guidance w = 1, 7.5``."""
+    if cond.get("kind") == "text":
+        prompts = cond.get("prompts") or []
+        shown = ", ".join(repr(p if len(p) <= 40 else p[:37] + "…") for p in prompts[:3] if p is not None)
+        more = f" +{len(prompts) - 3}" if len(prompts) > 3 else ""
+        what = f"{len(prompts)} prompt{'s' if len(prompts) != 1 else ''}" + (f" ({shown}{more})" if shown else "")
+        if cond.get("negative_prompt"):
+            what += f", negative prompt {cond['negative_prompt']!r}"
+    else:
+        labels = cond.get("class_labels")
+        what = (
+            "random class labels"
+            if labels == "random"
+            else f"class label{'s' if len(labels) != 1 else ''} "
+            + (", ".join(map(str, labels[:8])) + (" …" if len(labels) > 8 else ""))
+        )
+    many = len(cond.get("prompts") or []) > 1 or (
+        isinstance(cond.get("class_labels"), list) and len(cond["class_labels"]) > 1
+    )
+    spread = "a seeded draw per sample" if cond.get("assignment") == "random" else "cycled over samples" if many else ""
+    scales = ", ".join(f"{w:g}" for w in cond.get("guidance_scales") or [])
+    return f"conditions: {what}{', ' + spread if spread else ''}; guidance w = {scales}"
 
 
 def line(console: Console, text: str) -> None:

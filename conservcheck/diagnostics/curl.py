@@ -54,7 +54,7 @@ from conservcheck.geometry.jacobian import (
 )
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.settings import Option
-from conservcheck.timepoints import TimePoint, forward_samples
+from conservcheck.timepoints import SampleIndex, TimePoint, forward_samples, sample_index
 
 Z95 = 1.959963984540054
 BLOCK_STREAM = "curl_block"
@@ -73,7 +73,7 @@ HUTCHINSON_COLUMNS = (
 )
 
 
-def _check(probe: VectorFieldProbe, x0: Tensor, strategy: str, start: int) -> None:
+def _check(probe: VectorFieldProbe, x0: Tensor, strategy: str, start: SampleIndex) -> list[int]:
     if x0.ndim < 2 or tuple(x0.shape[1:]) != probe.sample_shape or x0.shape[0] == 0:
         raise UsageError(
             f"x0 has shape {tuple(x0.shape)}, expected [B, {', '.join(map(str, probe.sample_shape))}] with B ≥ 1",
@@ -81,11 +81,10 @@ def _check(probe: VectorFieldProbe, x0: Tensor, strategy: str, start: int) -> No
         )
     if strategy != "auto" and strategy not in STRATEGIES:
         raise UsageError(f"unknown Jacobian strategy {strategy!r}", f"use auto or one of {', '.join(STRATEGIES)}")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise UsageError(f"start must be a non-negative integer, got {start!r}", "pass the global index of x0[0]")
+    return sample_index(start, x0.shape[0])
 
 
-def _forward(probe: VectorFieldProbe, x0: Tensor, time: TimePoint, seed: int, start: int) -> Tensor:
+def _forward(probe: VectorFieldProbe, x0: Tensor, time: TimePoint, seed: int, start: SampleIndex) -> Tensor:
     """x_t in float64 (as the loop diagnostic builds it), then in the probe's dtype on its device."""
     x_t, _ = forward_samples(x0.to(device=probe.device, dtype=torch.float64), time, seed, start)
     return x_t.to(probe.dtype)
@@ -162,7 +161,7 @@ def curl_subjacobian(
     batcher: Batcher,
     block: int = 64,
     strategy: str = "auto",
-    start: int = 0,
+    start: SampleIndex = 0,
 ) -> DiagnosticResult:
     """The paper's curl estimator (§3.3, Eq. 5) on a random |S| × |S| sub-Jacobian per sample.
 
@@ -175,13 +174,13 @@ def curl_subjacobian(
         block: |S| (paper: 64); capped at the dimension D, at least 2.
         strategy: ``auto`` (first of jvp, double_vjp, fd that agrees with central differences) or one
             of them (checked the same way).
-        start: global sample index of x0[0].
+        start: global sample index of x0[0], or one global index per sample.
     Returns:
         ``DiagnosticResult("curl", "subjacobian")`` with ``curl_mean_abs``, ``sym_mean_abs``,
         ``curl_rel_fro`` and meta: strategy (+ its check), block, products ("columns" or "rows"),
         convention, n_evals (forward-pass equivalents, the strategy check included).
     """
-    _check(probe, x0, strategy, start)
+    index = _check(probe, x0, strategy, start)
     if isinstance(block, bool) or not isinstance(block, int) or block < 2:
         raise UsageError(f"block must be an integer ≥ 2, got {block!r}", "the paper uses 64")
     if probe.dim < 2:
@@ -190,7 +189,6 @@ def curl_subjacobian(
     x_t = _forward(probe, x0, time, seed, start)
     t = torch.tensor(time.t, dtype=torch.float64)
     choice = _choose(probe, x_t, t, strategy)
-    index = list(range(start, start + x0.shape[0]))
     sets = block_indices(probe.dim, n, seed, time.key, index)
     j_ss = subjacobian(probe, x_t, t, sets, choice.name, batcher)
     product = cheaper_product(choice.name)
@@ -344,7 +342,7 @@ def curl_hutchinson(
     batcher: Batcher,
     n_probes: int = 16,
     strategy: str = "auto",
-    start: int = 0,
+    start: SampleIndex = 0,
 ) -> DiagnosticResult:
     """Full-Jacobian asymmetry by Hutchinson's estimator (Eq. 5 over all of J).
 
@@ -357,7 +355,7 @@ def curl_hutchinson(
         meta: strategy (+ its check), n_probes, estimator, interval, n_evals (forward-pass equivalents
         per probe: 6 for jvp, 5 for double_vjp, 2 for fd; plus the strategy check).
     """
-    _check(probe, x0, strategy, start)
+    index = _check(probe, x0, strategy, start)
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 3:
         raise UsageError(
             f"n_probes must be an integer ≥ 3 (the jackknife needs it), got {n_probes!r}",
@@ -366,7 +364,6 @@ def curl_hutchinson(
     x_t = _forward(probe, x0, time, seed, start)
     t = torch.tensor(time.t, dtype=torch.float64)
     choice = _choose(probe, x_t, t, strategy)
-    index = list(range(start, start + x0.shape[0]))
     estimates = hutchinson_estimates(
         probe,
         x_t,

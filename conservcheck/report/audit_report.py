@@ -27,7 +27,14 @@ from conservcheck import diagnostics
 from conservcheck.errors import UsageError
 from conservcheck.files import json_safe, write_atomic
 from conservcheck.report.schema import SCHEMA_VERSION
-from conservcheck.report.summary import STAT_COLUMNS, SUMMARY_COLUMNS, rows_from_units, summarize, time_label
+from conservcheck.report.summary import (
+    STAT_COLUMNS,
+    SUMMARY_COLUMNS,
+    guidance_label,
+    rows_from_units,
+    summarize,
+    time_label,
+)
 from conservcheck.report.verdict import Verdict, decide_verdict
 
 ROWS_INLINE_MAX = 100_000
@@ -42,7 +49,8 @@ class AuditReport:
             names; see docs/report.md).
         units: one record per unit (field, diagnostic, variant, time point, status, message, meta).
         rows: tidy per-sample DataFrame: ``field, diagnostic, variant, time_key, time_index, t, sigma,
-            sample`` and one column per value (NaN where a column does not apply).
+            sample``, ``guidance`` (a conditional model's guidance scale w; NaN for the control) and one
+            column per value (NaN where a column does not apply).
         verdict: :class:`Verdict`.
         run: timing and run-control fields (start and end time, wall time, units reused, the
             partial-results file, batch size, cache folder, budgets) — the only fields that may differ
@@ -74,7 +82,7 @@ class AuditReport:
         problems = list(header.get("problems", []))
         problems += [
             f"{u['diagnostic']}.{u['variant']} ({u['field']}) at "
-            f"{time_label(u['time'], header['process']['time'])}: {u['message']}"
+            f"{time_label(u['time'], header['process']['time'])}{guidance_label(u.get('guidance'))}: {u['message']}"
             for u in units
             if u["status"] in ("nonfinite", "error")
         ]
@@ -92,6 +100,7 @@ class AuditReport:
                 "diagnostic": u["diagnostic"],
                 "variant": u["variant"],
                 "time_key": u["time"]["key"],
+                "guidance": u.get("guidance"),
                 "status": u["status"],
                 "message": u.get("message"),
                 "n": len(next(iter(u["values"].values()))) if u.get("values") else 0,
@@ -104,8 +113,9 @@ class AuditReport:
     # ---------------------------------------------------------------------------------------- views
 
     def summary(self, field: str | None = "model") -> pd.DataFrame:
-        """Statistics per (diagnostic, variant, time point, metric): n, median, q25, q75, mean, and the
-        seeded bootstrap 95% CI of the mean (ci_low, ci_high); ``field=None`` includes the control."""
+        """Statistics per (diagnostic, variant, time point, guidance scale, metric): n, median, q25, q75,
+        mean, and the seeded bootstrap 95% CI of the mean (ci_low, ci_high); ``field=None`` includes the
+        control."""
         s = self._summary
         return s.reset_index(drop=True) if field is None else s[s["field"] == field].reset_index(drop=True)
 
@@ -113,11 +123,17 @@ class AuditReport:
     def status(self) -> str:
         return self.verdict.status
 
-    def time_label(self, time_key: str) -> str:
+    def time_label(self, time_key: str, guidance: Any = None) -> str:
+        """``k=500`` or ``t=0.25`` for a time key; with a guidance scale, ``k=500, w=7.5``."""
         for t in self.header["time_points"]:
             if t["key"] == time_key:
-                return time_label(t, self.header["process"]["time"])
-        return time_key
+                return time_label(t, self.header["process"]["time"]) + guidance_label(guidance)
+        return time_key + guidance_label(guidance)
+
+    @property
+    def guidance_scales(self) -> list[float]:
+        """The guidance scales w of a conditional model's audit (empty for an unconditional model)."""
+        return list(self.header.get("model", {}).get("conditioning", {}).get("guidance_scales") or [])
 
     # ----------------------------------------------------------------------------------------- JSON
 
@@ -196,7 +212,7 @@ class AuditReport:
         if "time_index" in rows:
             rows["time_index"] = rows["time_index"].astype("Int64")
         summary = pd.DataFrame(data["summary"], columns=list(SUMMARY_COLUMNS))
-        for c in ("t", "sigma", *STAT_COLUMNS):
+        for c in ("t", "sigma", "guidance", *STAT_COLUMNS):
             summary[c] = pd.to_numeric(summary[c], errors="coerce")
         for c in ("time_index", "n"):
             summary[c] = summary[c].astype("Int64")
@@ -222,12 +238,13 @@ class AuditReport:
 
 
 def compare(a: AuditReport, b: AuditReport, metrics: Iterable[str] | None = None) -> pd.DataFrame:
-    """Model medians of two reports side by side, per (diagnostic, variant, time point, metric).
+    """Model medians of two reports side by side, per (diagnostic, variant, time point, guidance scale,
+    metric).
 
     ``metrics`` defaults to each diagnostic's headline metric; rows present in only one report have an
     empty side. ``ratio`` is median_b / median_a.
     """
-    keys = ["diagnostic", "variant", "time_key", "metric"]
+    keys = ["diagnostic", "variant", "time_key", "guidance", "metric"]
 
     def pick(r: AuditReport) -> pd.DataFrame:
         s = r.summary()
@@ -243,7 +260,9 @@ def compare(a: AuditReport, b: AuditReport, metrics: Iterable[str] | None = None
     merged["time_index"] = merged["time_index_a"].fillna(merged["time_index_b"]).astype("Int64")
     merged["t"] = merged["t_a"].fillna(merged["t_b"])
     merged["ratio"] = merged["median_b"] / merged["median_a"]
-    merged = merged.sort_values(["diagnostic", "variant", "metric", "t"], kind="stable").reset_index(drop=True)
+    merged = merged.sort_values(["diagnostic", "variant", "metric", "guidance", "t"], kind="stable").reset_index(
+        drop=True
+    )
     return merged[keys + ["time_index", "t", "median_a", "median_b", "ratio"]]
 
 

@@ -8,15 +8,18 @@ Grammar (keywords are case-insensitive; ``and`` binds tighter than ``or``)::
                 | "verdict" ("==" | "!=") ("pass" | "violation" | "invalid")
     metric     := DIAGNOSTIC "." VARIANT "." COLUMN "." STATISTIC      VARIANT may be "*" (any)
     OP         := ">" | ">=" | "<" | "<=" | "==" | "!="
-    scope      := "at" "any" "time" | "at" "all" "times"
-                | "at" "k" "=" INTEGER | "at" "t" "=" NUMBER | "at" "sigma" "=" NUMBER
+    scope      := "at" when [guidance] | "at" guidance
+    when       := "any" "time" | "all" "times" | "k" "=" INTEGER | "t" "=" NUMBER | "sigma" "=" NUMBER
+    guidance   := "w" "=" NUMBER
 
 STATISTIC is one of the summary's ``n, median, q25, q75, mean, ci_low, ci_high``; the scope defaults to
-``at any time``. Examples::
+``at any time`` (and, for a conditional model, any guidance scale w; ``w=…`` narrows the condition to
+one). Examples::
 
     loop.rotation.abs_circulation_ratio.median > 0.05
     curl.hutchinson.rel_asym.mean > 0.2 at any time
     loop.*.abs_eq7.q75 > 1 at all times or verdict == invalid
+    curl.subjacobian.curl_rel_fro.median > 0.1 at all times w=7.5
 
 A condition on a (diagnostic, variant, time point) whose statistics are empty because the unit did not
 finish cleanly (NaN/Inf output, an error) *holds*: a gate fails closed. A metric the report does not
@@ -55,7 +58,8 @@ HINT = "write e.g. 'loop.rotation.abs_circulation_ratio.median > 0.05 at any tim
 
 @dataclass(frozen=True)
 class Condition:
-    """``metric OP value`` over the time points named by ``scope`` (``any``, ``all``, or a time point)."""
+    """``metric OP value`` over the time points named by ``scope`` (``any``, ``all``, or a time point), at
+    the guidance scale ``w`` (None: every guidance scale in the report)."""
 
     diagnostic: str
     variant: str
@@ -65,6 +69,7 @@ class Condition:
     value: float
     scope: str = "any"
     at: tuple[str, float] | None = None
+    w: float | None = None
 
     @property
     def metric(self) -> str:
@@ -165,7 +170,15 @@ def parse(text: str) -> Expression:
             pos -= 1
             raise fail("a comparison (>, >=, <, <=, ==, !=)")
         value = number("a number")
-        scope, at = "any", None
+        scope, at, w = "any", None, None
+
+        def equals(what: str) -> float:
+            nonlocal pos
+            if take("op", "=") != "=":
+                pos -= 1
+                raise fail("=")
+            return number(what)
+
         if peek_word("at"):
             pos += 1
             if peek_word("any"):
@@ -177,16 +190,16 @@ def parse(text: str) -> Expression:
                 scope = "all"
             elif peek_word("k", "t", "sigma", "σ"):
                 axis = take("word", "k, t or sigma").lower().replace("σ", "sigma")
-                if take("op", "=") != "=":
-                    pos -= 1
-                    raise fail("=")
-                v = number("a time")
+                v = equals("a time")
                 if axis == "k" and not float(v).is_integer():
                     raise UsageError(f"--fail-if {text!r}: a time index k must be an integer", HINT)
                 scope, at = "point", (axis, v)
-            else:
-                raise fail("'any time', 'all times', 'k=…', 't=…' or 'sigma=…' after 'at'")
-        return Condition(*parts, op, value, scope, at)  # type: ignore[misc]
+            elif not peek_word("w"):
+                raise fail("'any time', 'all times', 'k=…', 't=…', 'sigma=…' or 'w=…' after 'at'")
+            if peek_word("w"):
+                pos += 1
+                w = equals("a guidance scale")
+        return Condition(*parts, op, value, scope, at, w)  # type: ignore[misc]
 
     clauses: list[tuple[Atom, ...]] = []
     clause = [atom()]
@@ -223,6 +236,12 @@ def _select(cond: Condition, summary: pd.DataFrame, label: Callable[[str], str])
             raise UsageError(
                 f"--fail-if: the report has no time point {axis}={v:g}", "time points: " + ", ".join(points)
             )
+    if cond.w is not None:
+        scales = sorted({float(w) for w in summary["guidance"].dropna()})
+        s = s[[not pd.isna(g) and math.isclose(g, cond.w, rel_tol=1e-9, abs_tol=1e-12) for g in s["guidance"]]]
+        if s.empty:
+            found = ", ".join(f"{w:g}" for w in scales) if scales else "none (an unconditional model)"
+            raise UsageError(f"--fail-if: the report has no guidance scale w={cond.w:g}", f"guidance scales: {found}")
     return s
 
 
@@ -236,7 +255,7 @@ def _holds(cond: Atom, report: AuditReport) -> tuple[bool, list[str]]:
     for _, row in s.iterrows():
         value = row[cond.statistic]
         metric = f"{row['diagnostic']}.{row['variant']}.{cond.column}.{cond.statistic}"
-        where = f"{metric} at {report.time_label(row['time_key'])}"
+        where = f"{metric} at {report.time_label(row['time_key'], row['guidance'])}"
         if pd.isna(value):
             hits.append(True)
             details.append(f"{where} has no value ({row['status']})")

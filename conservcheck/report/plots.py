@@ -4,7 +4,10 @@
   index k (or t, or σ for VE) with the q25–q75 band, one line per loop type (or curl / Stein variant),
   and the conservative control's median dashed — the audit's numerical floor;
 * *box plots* (Fig. 5, 7, 9, 11, 12): for each loop metric, one panel per loop type with one box of the
-  per-sample values per time point.
+  per-sample values per time point;
+* for a conditional model audited at several guidance scales, *metric vs w*: for each metric, one panel
+  per variant with the median against w, one line per time point, and the control's median dashed (it
+  does not depend on w). The metric-vs-time figures then have one line per (variant, w).
 
 Which metrics are drawn, and how, each registered diagnostic says (:class:`conservcheck.diagnostics.Figure`).
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from conservcheck import diagnostics
 from conservcheck.errors import UsageError
@@ -48,15 +53,18 @@ def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, 
     xcol, xlabel, xlog = _axis(report)
     fig = _figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for variant, rows in s[s["field"] == "model"].groupby("variant", sort=False):
+    model = s[s["field"] == "model"]
+    guided = len(report.guidance_scales) > 1
+    for (variant, w), rows in model.groupby(["variant", "guidance"], sort=False, dropna=False):
         rows = rows.sort_values("t")
+        label = f"{variant}, w={w:g}" if guided else variant
         x = rows[xcol].astype(float).to_numpy()
-        line = ax.plot(x, rows["median"], marker="o", ms=3, label=variant)[0]
+        line = ax.plot(x, rows["median"], marker="o", ms=3, label=label)[0]
         ax.fill_between(
             x, rows["q25"].astype(float), rows["q75"].astype(float), color=line.get_color(), alpha=0.2, lw=0
         )
         ctrl = s[(s["field"] == "control") & (s["variant"] == variant)].sort_values("t")
-        if not ctrl.empty:
+        if not ctrl.empty and (not guided or w == min(report.guidance_scales)):
             ax.plot(
                 ctrl[xcol].astype(float),
                 ctrl["median"],
@@ -79,6 +87,37 @@ def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, 
     return fig
 
 
+def _guidance_figure(report: AuditReport, diagnostic: str, metric: str, label: str, log: bool) -> Any | None:
+    """The metric's median against the guidance scale w: a panel per variant, a line per time point."""
+    if len(report.guidance_scales) < 2:
+        return None
+    s = report.summary(field=None)
+    s = s[(s["diagnostic"] == diagnostic) & (s["metric"] == metric) & (s["status"] == "ok")]
+    model = s[s["field"] == "model"]
+    variants = list(dict.fromkeys(model["variant"]))
+    if not variants:
+        return None
+    fig = _figure(figsize=(4.2 * len(variants) + 1, 4.0), layout="constrained")
+    axes = fig.subplots(1, len(variants), squeeze=False)[0]
+    for ax, variant in zip(axes, variants):
+        rows = model[model["variant"] == variant]
+        for key, by_w in rows.groupby("time_key", sort=False):
+            by_w = by_w.sort_values("guidance")
+            line = ax.plot(by_w["guidance"], by_w["median"], marker="o", ms=3, label=report.time_label(key))[0]
+            ctrl = s[(s["field"] == "control") & (s["variant"] == variant) & (s["time_key"] == key)]
+            if not ctrl.empty:
+                ax.axhline(float(ctrl["median"].iloc[0]), ls="--", lw=1, color=line.get_color(), alpha=0.6)
+        if log and bool((rows["median"] > 0).all()):
+            ax.set_yscale("log")
+        ax.set_xlabel("guidance scale w")
+        ax.set_title(variant, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(label)
+    fig.suptitle(f"{diagnostic}: {metric} against w — median (dashed: conservative control)", fontsize=10)
+    return fig
+
+
 def _box_figure(report: AuditReport, diagnostic: str, metric: str) -> Any | None:
     rows = report.rows
     if metric not in rows.columns:
@@ -91,16 +130,24 @@ def _box_figure(report: AuditReport, diagnostic: str, metric: str) -> Any | None
     axes = fig.subplots(1, len(variants), squeeze=False)[0]
     for ax, variant in zip(axes, variants):
         sub = rows[rows["variant"] == variant]
-        keys = list(dict.fromkeys(sub.sort_values("t")["time_key"]))
-        data = [sub[sub["time_key"] == k][metric].dropna().to_numpy() for k in keys]
+        w = sub["guidance"] if "guidance" in sub else pd.Series([None] * len(sub), index=sub.index, dtype=object)
+        order = sub.assign(_w=w.astype(float)).sort_values(["t", "_w"])
+        keys = list(dict.fromkeys(zip(order["time_key"], order["_w"])))
+        data = [sub[(sub["time_key"] == k) & _same(w, g)][metric].dropna().to_numpy() for k, g in keys]
         ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
-        ax.set_xticks(range(1, len(keys) + 1), [report.time_label(k) for k in keys], rotation=45, fontsize=7)
+        ax.set_xticks(range(1, len(keys) + 1), [report.time_label(k, g) for k, g in keys], rotation=45, fontsize=7)
         if all(len(d) and (d > 0).all() for d in data):
             ax.set_yscale("log")
         ax.set_title(variant, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
     return fig
+
+
+def _same(column: Any, w: float) -> Any:
+    """Rows whose guidance scale is w (both NaN counts as the same: no guidance)."""
+    values = column.astype(float)
+    return values.isna() if pd.isna(w) else values == w
 
 
 def plot_report(report: AuditReport, out_dir: str | Path, fmt: str = "png") -> list[Path]:
@@ -113,6 +160,11 @@ def plot_report(report: AuditReport, out_dir: str | Path, fmt: str = "png") -> l
     specs = diagnostics.registered().values()
     figures = [
         (f"{d.name}_{f.metric}", _time_figure(report, d.name, f.metric, f.label, f.log))
+        for d in specs
+        for f in d.figures
+    ]
+    figures += [
+        (f"{d.name}_{f.metric}_vs_w", _guidance_figure(report, d.name, f.metric, f.label, f.log))
         for d in specs
         for f in d.figures
     ]

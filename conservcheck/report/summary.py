@@ -1,9 +1,11 @@
 """The per-sample table of an audit's units and its statistics per time point.
 
 :func:`rows_from_units` turns unit records into a tidy table, one row per loop / probe point:
-``field, diagnostic, variant, time_key, time_index, t, sigma, sample`` and one column per value.
-:func:`summarize` gives, per (field, diagnostic, variant, time point, metric), the median, the quartiles,
-the mean and a seeded bootstrap 95% confidence interval of the mean.
+``field, diagnostic, variant, time_key, time_index, t, sigma, sample``, then ``guidance`` (the guidance
+scale w; only in the report of a conditional model) and one column per value. :func:`summarize` gives,
+per (field, diagnostic, variant, time point, guidance scale, metric), the median, the quartiles, the mean
+and a seeded bootstrap 95% confidence interval of the mean (``guidance`` empty for an unconditional
+model and for the control, which does not depend on w).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SUMMARY_COLUMNS = (
     "time_index",
     "t",
     "sigma",
+    "guidance",
     "metric",
     "status",
     *STAT_COLUMNS,
@@ -40,9 +43,15 @@ def time_label(time: dict[str, Any], time_name: str = "t") -> str:
     return f"{'σ' if time_name == 'sigma' else 't'}={time['t']:.4g}"
 
 
+def guidance_label(w: Any) -> str:
+    """``, w=7.5`` for a guided unit, empty for an unguided one (unconditional model or control)."""
+    return "" if w is None or (isinstance(w, float) and np.isnan(w)) else f", w={float(w):g}"
+
+
 def rows_from_units(units: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """The tidy per-sample table of unit records (one row per loop / probe point)."""
     frames = []
+    guided = any(u.get("guidance") is not None for u in units)
     for u in units:
         if not u.get("values"):
             continue
@@ -61,6 +70,8 @@ def rows_from_units(units: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "sigma": [t["sigma"]] * n,
             "sample": list(range(n)),
         }
+        if guided:
+            ids["guidance"] = [np.nan if u.get("guidance") is None else float(u["guidance"])] * n
         frames.append(pd.DataFrame({**ids, **vals}))
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in ID_COLUMNS})
@@ -87,10 +98,11 @@ def _stats(values: np.ndarray, draws: np.ndarray) -> dict[str, float]:
 
 
 def summarize(units: list[dict[str, Any]], seed: int) -> pd.DataFrame:
-    """Per (field, diagnostic, variant, time point, metric) statistics of the unit records.
+    """Per (field, diagnostic, variant, time point, guidance scale, metric) statistics of the unit records.
 
     The bootstrap resamples of a unit come from the stream (seed, "bootstrap", field, diagnostic,
-    variant, time key), so summaries are reproducible. Units that did not finish cleanly (status
+    variant, time key) — the same resamples of the same samples at every guidance scale — so summaries are
+    reproducible. Units that did not finish cleanly (status
     ``nonfinite``, ``error``, ``skipped``) get rows with empty statistics: no number is computed from NaNs.
     """
     known: dict[tuple[str, str], list[str]] = {}
@@ -108,6 +120,7 @@ def summarize(units: list[dict[str, Any]], seed: int) -> pd.DataFrame:
             "time_index": t["index"],
             "t": t["t"],
             "sigma": t["sigma"],
+            "guidance": u.get("guidance"),
         }
         metrics = list(u.get("values") or known.get((u["diagnostic"], u["variant"]), [None]))
         if u["status"] != "ok":
@@ -124,4 +137,5 @@ def summarize(units: list[dict[str, Any]], seed: int) -> pd.DataFrame:
     frame = pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
     for col in ("time_index", "n"):
         frame[col] = frame[col].astype("Int64")
+    frame["guidance"] = pd.to_numeric(frame["guidance"], errors="coerce")
     return frame

@@ -1,11 +1,13 @@
 """The verdict of an audit: each headline metric against the numerical floor measured in the same audit.
 
-For every (diagnostic, variant, time point) with a *headline* metric (each registered diagnostic names
-its own: scale-free numbers in [0, 1]) the model's median is compared with the numerical floor
+For every (diagnostic, variant, time point) — and, for a conditional model, every guidance scale w —
+with a *headline* metric (each registered diagnostic names its own: scale-free numbers in [0, 1]) the
+model's median is compared with the numerical floor
 
     floor = max(control median, the diagnostic's own floor, precision floor)
 
-where the control median is the same metric on the conservative control field, the diagnostic's own
+where the control median is the same metric on the conservative control field (which does not depend on
+w: one control unit is the floor of the checks at every w), the diagnostic's own
 floor is what its values say they cannot resolve (the loop integral: the median of its nested-rule
 quadrature error relative to ∮|s||dy|), and the precision floor is the smallest resolvable relative value
 of the forward precision (:func:`conservcheck.precision.floor_rel`). The check is a *violation* when the
@@ -30,7 +32,7 @@ import numpy as np
 from conservcheck import diagnostics
 from conservcheck.files import json_safe
 from conservcheck.precision import PRECISIONS
-from conservcheck.report.summary import time_label
+from conservcheck.report.summary import guidance_label, time_label
 
 FLOOR_FACTOR = 10.0
 
@@ -76,10 +78,11 @@ def _unmeasured(units: list[dict[str, Any]], checks: list[dict[str, Any]], time_
         c for c in checks if c["status"] == "skipped"
     ]:
         time = item.get("time") or {"index": item["time_index"], "t": item["t"]}
-        key = (item["diagnostic"], item["variant"], item.get("time_key") or item["time"]["key"])
+        w = item.get("guidance")
+        key = (item["diagnostic"], item["variant"], item.get("time_key") or item["time"]["key"], w)
         if key not in seen:
             seen.add(key)
-            where.setdefault(f"{key[0]}.{key[1]}", []).append(time_label(time, time_name))
+            where.setdefault(f"{key[0]}.{key[1]}", []).append(time_label(time, time_name) + guidance_label(w))
     return "; ".join(f"{name} at {', '.join(labels)}" for name, labels in where.items())
 
 
@@ -107,13 +110,14 @@ def decide_verdict(
         "headline": diagnostics.headline_rule(),
         "precision_floor": spec.floor_rel if spec is not None else 0.0,
     }
-    by_key = {(u["field"], u["diagnostic"], u["variant"], u["time"]["key"]): u for u in units}
+    by_key = {(u["field"], u["diagnostic"], u["variant"], u["time"]["key"], u.get("guidance")): u for u in units}
     checks: list[dict[str, Any]] = []
     for u in units:
         metric = diagnostics.headline_metric(u["diagnostic"], u["variant"])
         if u["field"] != "model" or metric is None:
             continue
         key = (u["diagnostic"], u["variant"], u["time"]["key"])
+        w = u.get("guidance")
         check = {
             "diagnostic": u["diagnostic"],
             "variant": u["variant"],
@@ -121,18 +125,19 @@ def decide_verdict(
             "time_index": u["time"]["index"],
             "t": u["time"]["t"],
             "sigma": u["time"]["sigma"],
+            "guidance": w,
             "metric": metric,
         }
-        control_unit = by_key.get(("control", *key))
+        control_unit = by_key.get(("control", *key, None))
         if u["status"] == "skipped" or (control_unit is not None and control_unit["status"] == "skipped"):
             # Without its own values or its floor, the check cannot be judged either way.
             checks.append({**check, "status": "skipped", "median": None, "floor": None, "ratio": None})
             continue
-        median = _median(by_key, ("model", *key), metric)
+        median = _median(by_key, ("model", *key, w), metric)
         if median is None:
             checks.append({**check, "status": "invalid", "median": None, "floor": None, "ratio": None})
             continue
-        control = _median(by_key, ("control", *key), metric) or 0.0
+        control = _median(by_key, ("control", *key, None), metric) or 0.0
         quad = _own_floor(u)
         floor = max(control, quad, rule["precision_floor"])
         ratio = median / floor if floor > 0 else math.inf
@@ -158,7 +163,7 @@ def decide_verdict(
         return Verdict("invalid", clause or "no diagnostic finished", checks, rule)
 
     def where(c: dict[str, Any]) -> str:
-        when = time_label({"index": c["time_index"], "t": c["t"]}, time_name)
+        when = time_label({"index": c["time_index"], "t": c["t"]}, time_name) + guidance_label(c.get("guidance"))
         return f"{c['diagnostic']}.{c['variant']} {c['metric']} at {when}"
 
     bad = [c for c in measured if c["status"] == "violation"]

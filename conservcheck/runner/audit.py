@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from conservcheck import conditioning
 from conservcheck.batching import Batcher
 from conservcheck.contract import check_probe
 from conservcheck.errors import ProbeContractError, UsageError, reason
@@ -45,10 +46,18 @@ from conservcheck.precision import storage_dtype
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.report import SCHEMA_VERSION, AuditReport
 from conservcheck.runner.journal import JOURNAL_FORMAT, Journal
-from conservcheck.runner.options import audit_options, device_defaults, resolve_device, resolve_options, shard_of
+from conservcheck.runner.options import (
+    CONDITION_OPTIONS,
+    audit_options,
+    device_defaults,
+    resolve_device,
+    resolve_options,
+    shard_of,
+)
 from conservcheck.runner.units import (
     build_report,
     control_probe,
+    guidance_cost,
     jacobian_strategies,
     plan_units,
     run_unit,
@@ -84,7 +93,14 @@ class AuditInterrupted(KeyboardInterrupt):
 
 
 def load_model(model: VectorFieldProbe | str, opts: dict[str, Any], given: set[str]) -> VectorFieldProbe:
+    condition = {k: opts[k] for k in CONDITION_OPTIONS if opts.get(k) is not None}
     if isinstance(model, VectorFieldProbe):
+        if condition:
+            flag = "--" + next(iter(condition)).replace("_", "-")
+            raise UsageError(
+                f"{flag} applies to model references; a probe object carries its own conditions",
+                "build the probe with them (conservcheck.conditioning.ConditionalField) or pass a reference",
+            )
         for name in ("revision", "trust_remote_code"):
             if name in given and opts[name] not in (None, False):
                 raise UsageError(f"{name} applies to model references, not to a probe object", f"drop {name}")
@@ -116,9 +132,23 @@ def load_model(model: VectorFieldProbe | str, opts: dict[str, Any], given: set[s
         device=resolve_device(opts["device"]),
         dtype=storage_dtype(opts["precision"]),
         trust_remote_code=opts["trust_remote_code"],
+        condition=condition,
     )
     probe.precision = opts["precision"]
     return probe
+
+
+def guidance_scales(probe: VectorFieldProbe, opts: dict[str, Any]) -> tuple[float, ...] | None:
+    """The guidance axis of an audit: the ``guidance_scale`` option, (1.0,) — the conditional field — for a
+    conditional model without it, None for an unconditional model (which refuses the option)."""
+    scales = opts.get("guidance_scale")
+    if probe.conditioning is None:
+        if scales is not None:
+            raise UsageError(
+                "--guidance-scale needs a conditional model; this one is unconditional", "drop --guidance-scale"
+            )
+        return None
+    return tuple(scales) if scales is not None else (1.0,)
 
 
 def load(
@@ -129,12 +159,16 @@ def load(
     revision: str | None = None,
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
+    prompt: str | list[str] | None = None,
+    negative_prompt: str | None = None,
+    class_label: int | list[int] | str | None = None,
 ) -> VectorFieldProbe:
     """A model reference as a :class:`VectorFieldProbe` (score units at canonical time).
 
     ``model`` is what ``conservcheck audit`` takes: ``embedded:<name>``, a hub id ``owner/name[@rev]``, a
     local folder or file, or ``module:factory``; the other arguments mean what the audit options of the
-    same names mean. Raises :class:`UsageError` / :class:`ModelLoadError` with a one-line message.
+    same names mean (``prompt``, ``negative_prompt``, ``class_label``: the conditions of a conditional
+    model, docs/conditional.md). Raises :class:`UsageError` / :class:`ModelLoadError` with a one-line message.
     """
     given = {
         "device": device,
@@ -142,6 +176,9 @@ def load(
         "revision": revision,
         "cache_dir": cache_dir,
         "trust_remote_code": trust_remote_code,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "class_label": class_label,
     }
     opts = resolve_options({k: v for k, v in given.items() if v is not None})
     return load_model(model, opts, set(given))
@@ -168,11 +205,11 @@ def _environment(probe: VectorFieldProbe) -> dict[str, Any]:
     }
 
 
-def _fingerprint(probe: VectorFieldProbe, opts: dict[str, Any], points: list[TimePoint], x0_sha: str) -> str:
+def _fingerprint(model: dict[str, Any], opts: dict[str, Any], points: list[TimePoint], x0_sha: str) -> str:
     numeric = {o.name: opts[o.name] for o in audit_options() if o.numeric}
     blob = {
         "schema": SCHEMA_VERSION,
-        "model": probe.describe(),
+        "model": model,
         "options": numeric,
         "time_points": [p.to_dict() for p in points],
         "x0": x0_sha,
@@ -199,7 +236,8 @@ def audit(
             ``stein``, ``times`` / ``time_indices`` / ``sigmas``, ``n_samples``, ``n_points``, ``device``,
             ``precision``, ``batch_size``, ``seed``, ``data``, ``revision``, ``cache_dir``,
             ``trust_remote_code``, ``resume``, ``time_budget``, ``memory_budget``, ``shard``, ``block``,
-            ``n_probes``, ``n_vertices``, ``bridge_u``, ``sampler_steps``).
+            ``n_probes``, ``n_vertices``, ``bridge_u``, ``sampler_steps``; for conditional models
+            ``prompt``, ``prompt_file``, ``negative_prompt``, ``class_label`` and ``guidance_scale``).
     Returns:
         the :class:`~conservcheck.report.audit_report.AuditReport` (with ``shard``, a partial report: the other
         shards' units are ``skipped``; :func:`merge` combines the shards' files).
@@ -212,7 +250,8 @@ def audit(
     probe = load_model(model, opts, set(options))
     opts, cpu_scaled = device_defaults(opts, probe.device)
     points = time_points(probe, opts["times"], opts["time_indices"], opts["sigmas"])
-    plan = plan_units(probe, opts, points)
+    scales = guidance_scales(probe, opts)
+    plan = plan_units(probe, opts, points, scales)
     # User data is read before anything is logged, so a mistake in it is the only line printed.
     data = _with_hash(*load_data(opts["data"], probe, opts["n_samples"], opts["seed"]), probe) if opts["data"] else None
     if cpu_scaled:
@@ -225,15 +264,20 @@ def audit(
     problems = list(check_probe(probe, seed=opts["seed"]).problems)
     for p in problems:
         log.warning("model contract: %s", p)
-    # The batch-size search runs a real forward pass: only after the contract check has seen the model.
-    batcher = Batcher(
-        opts["batch_size"],
-        probe,
-        cache_dir=cache_folder(opts["cache_dir"], "batch") if probe.device.type == "cuda" else None,
-    )
+    # The batch-size search runs a real forward pass: only after the contract check has seen the model; at
+    # the largest guidance scale, whose forward pass doubles the batch inside the model when w is not 0 or 1.
+    with conditioning.select(probe, guidance=max(scales, key=guidance_cost) if scales else None):
+        batcher = Batcher(
+            opts["batch_size"],
+            probe,
+            cache_dir=cache_folder(opts["cache_dir"], "batch") if probe.device.type == "cuda" else None,
+        )
+    model_info = probe.describe()
+    if scales is not None:
+        model_info["conditioning"]["guidance_scales"] = list(scales)
     header = {
         "tool": {"name": "conservcheck", "version": __version__},
-        "model": probe.describe(),
+        "model": model_info,
         "process": probe.process.to_dict(),
         "time_convention": probe.time_convention.to_dict(),
         "time_points": [{"key": p.key, **p.to_dict()} for p in points],
@@ -280,8 +324,11 @@ def audit(
             )
             return build_report(header, [], run_info, t0)
     header["data_source"] = source
+    release = getattr(probe, "release", None)
+    if callable(release):
+        release()  # what only obtaining x0 needed (a latent model's autoencoder) is freed before the diagnostics
     control = control_probe(probe, x0)
-    fingerprint = _fingerprint(probe, opts, points, source["sha256"])
+    fingerprint = _fingerprint(model_info, opts, points, source["sha256"])
     explicit = opts["resume"] is not None
     name = fingerprint[:20] + (f".shard{shard}of{n_shards}" if opts["shard"] else "")
     path = Path(opts["resume"]).expanduser() if explicit else cache_folder(opts["cache_dir"], "runs") / f"{name}.jsonl"
@@ -316,7 +363,8 @@ def audit(
             records.append(rec)
             done_work += spec.cost
             if progress is not None:
-                progress(done_work, total, f"{spec.diagnostic}.{spec.variant} {spec.field} {spec.time.key}")
+                where = spec.time.key + ("" if spec.guidance is None else f" w={spec.guidance:g}")
+                progress(done_work, total, f"{spec.diagnostic}.{spec.variant} {spec.field} {where}")
     except KeyboardInterrupt:
         raise AuditInterrupted(path, journal.saved(), opts["shard"]) from None
     complete = all(r["status"] != "skipped" for r in records)

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from conservcheck import diagnostics
+from conservcheck import conditioning, diagnostics
 from conservcheck.analytic.fields import GaussianMixture
 from conservcheck.batching import Batcher
-from conservcheck.diagnostics import RunFn
+from conservcheck.diagnostics import DiagnosticResult, RunFn
 from conservcheck.errors import ProbeContractError, reason
 from conservcheck.files import json_safe
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
@@ -49,10 +49,22 @@ class UnitSpec:
     kwargs: dict[str, Any]
     cost: float
     group: int = 0
+    guidance: float | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.field}/{self.diagnostic}/{self.variant}/{self.time.key}"
+        return f"{self.field}/{self.diagnostic}/{self.variant}/{self.time.key}" + guidance_suffix(self.guidance)
+
+
+def guidance_suffix(w: float | None) -> str:
+    """``/w7.5`` — the part of a unit key naming its guidance scale (empty for unguided units)."""
+    return "" if w is None else f"/w{w:.10g}"
+
+
+def guidance_cost(w: float | None) -> float:
+    """Forward passes per evaluation at guidance scale w: two (unconditional and conditional) unless w is
+    None (an unconditional model), 0 (the unconditional field) or 1 (the conditional one)."""
+    return 1.0 if w in (None, 0.0, 1.0) else 2.0
 
 
 def control_probe(probe: VectorFieldProbe, x0: Tensor) -> VectorFieldProbe:
@@ -78,14 +90,22 @@ def control_probe(probe: VectorFieldProbe, x0: Tensor) -> VectorFieldProbe:
     )
 
 
-def plan_units(probe: VectorFieldProbe, opts: dict[str, Any], points: list[TimePoint]) -> list[UnitSpec]:
+def plan_units(
+    probe: VectorFieldProbe,
+    opts: dict[str, Any],
+    points: list[TimePoint],
+    guidance: tuple[float, ...] | None = None,
+) -> list[UnitSpec]:
     """Units in run order: for each time point, each registered diagnostic's planned variants, the model
-    unit then (for a controlled variant) its control unit; a group's index is in ``UnitSpec.group``."""
+    unit (one per guidance scale of a conditional model) then (for a controlled variant) its control unit;
+    a group's index is in ``UnitSpec.group``."""
     variants = [(name, v) for name, spec in diagnostics.registered().items() for v in spec.plan(opts, probe)]
     plan: list[UnitSpec] = []
     groups = ((tp, item) for tp in points for item in variants)
+    scales: tuple[float | None, ...] = guidance if guidance else (None,)
     for group, (tp, (diag, v)) in enumerate(groups):
-        plan.append(UnitSpec("model", diag, v.name, tp, v.run, v.kwargs, v.cost, group))
+        for w in scales:
+            plan.append(UnitSpec("model", diag, v.name, tp, v.run, v.kwargs, v.cost * guidance_cost(w), group, w))
         if v.controlled:
             plan.append(UnitSpec("control", diag, v.name, tp, v.run, v.kwargs, v.cost * CONTROL_COST, group))
     return plan
@@ -99,6 +119,7 @@ def unit_record(spec: UnitSpec, status: str, message: str | None = None) -> dict
         "diagnostic": spec.diagnostic,
         "variant": spec.variant,
         "time": {"key": spec.time.key, **spec.time.to_dict()},
+        "guidance": spec.guidance,
         "status": status,
         "message": message,
         "values": {},
@@ -109,7 +130,8 @@ def unit_record(spec: UnitSpec, status: str, message: str | None = None) -> dict
 def run_unit(spec: UnitSpec, probe: VectorFieldProbe, x0: Tensor, seed: int, batcher: Batcher) -> dict[str, Any]:
     """Run one unit and return its JSON-ready record (status ok / nonfinite / error)."""
     try:
-        result = spec.run(probe, x0, spec.time, seed=seed, batcher=batcher, **spec.kwargs)
+        with conditioning.select(probe, guidance=spec.guidance):
+            result = _run_per_condition(spec, probe, x0, seed, batcher)
     except Exception as err:
         # A model that raises at this time point (its own code, or out of memory even at batch size 1) is
         # reported there and the audit goes on; Ctrl-C (not an Exception) still stops it.
@@ -132,6 +154,32 @@ def run_unit(spec: UnitSpec, probe: VectorFieldProbe, x0: Tensor, seed: int, bat
     record.update(values={k: v.tolist() for k, v in values.items()}, meta=json_safe(result.meta))
     # The exact floats a resumed audit reads back from the partial-results file.
     return json.loads(json.dumps(record))
+
+
+def _run_per_condition(
+    spec: UnitSpec, probe: VectorFieldProbe, x0: Tensor, seed: int, batcher: Batcher
+) -> DiagnosticResult:
+    """The unit's diagnostic, run once per condition on that condition's samples (with their global
+    indices); values are put back in sample order, meta is the first condition's with ``n_evals`` summed."""
+    parts = conditioning.groups(probe, range(len(x0)), seed)
+    if len(parts) == 1:
+        with conditioning.select(probe, condition=parts[0][0]):
+            return spec.run(probe, x0, spec.time, seed=seed, batcher=batcher, **spec.kwargs)
+    results = []
+    for condition, pos in parts:
+        with conditioning.select(probe, condition=condition):
+            rows = torch.tensor(pos, device=x0.device)
+            results.append(spec.run(probe, x0[rows], spec.time, seed=seed, batcher=batcher, start=pos, **spec.kwargs))
+    first = results[0]
+    values = {k: torch.empty(len(x0), dtype=v.dtype) for k, v in first.values.items()}
+    for (_, pos), r in zip(parts, results):
+        for k, v in r.values.items():
+            values[k][torch.tensor(pos)] = v.cpu()
+    meta = dict(first.meta)
+    if "n_evals" in meta:
+        meta["n_evals"] = sum(r.meta.get("n_evals", 0) for r in results)
+    meta["condition_groups"] = len(parts)
+    return DiagnosticResult(first.diagnostic, first.variant, first.time, values, meta)
 
 
 def jacobian_strategies(units: list[dict[str, Any]]) -> dict[str, Any]:

@@ -8,7 +8,9 @@ h_i = λ_i − λ_{i−1} and the model's clean-data prediction D = x̂0 = (x + 
     x_i = (σ_i/σ_{i−1}) x_{i−1} + α_i (1 − e^{−h_i}) D̃,   D̃ = (1 + 1/(2r)) D_{i−1} − 1/(2r) D_{i−2},
 
 with r = h_{i−1}/h_i (D̃ = D_{i−1} on the first step, which is exactly DDIM); the sample is the last x̂0.
-This holds for any Gaussian process (VP, VE, flow). Times: every native index of a discrete schedule
+This holds for any Gaussian process (VP, VE, flow). A conditional model's samples are drawn with the
+conditional field (guidance scale w = 1, the model's p(x | c)), each with its sample's condition, so the
+x0 of a guided audit are the same points at every w. Times: every native index of a discrete schedule
 from T−1 down to 0, ``steps`` of them evenly spaced; otherwise ``steps`` times evenly spaced in λ from
 nearly pure noise to nearly clean data (:func:`conservcheck.timepoints.noise_span`). No clipping: the samples
 are what the field itself transports. The starting noise of sample i comes from the stream
@@ -30,6 +32,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from conservcheck import rng
+from conservcheck import conditioning, rng
 from conservcheck.batching import Batcher, evaluate
 from conservcheck.errors import ProbeContractError
 from conservcheck.files import cache_folder, write_atomic
@@ -64,8 +67,16 @@ def time_grid(probe: VectorFieldProbe, steps: int) -> Tensor:
     return log_snr_grid(probe.process, *noise_span(probe), steps)
 
 
-def sample(probe: VectorFieldProbe, n: int, seed: int, steps: int = 50, batcher: Batcher | None = None) -> Tensor:
-    """n samples [n, *sample_shape] in the probe's dtype and device (see the module doc).
+def sample(
+    probe: VectorFieldProbe,
+    n: int,
+    seed: int,
+    steps: int = 50,
+    batcher: Batcher | None = None,
+    index: Sequence[int] | None = None,
+) -> Tensor:
+    """n samples [n, *sample_shape] in the probe's dtype and device (see the module doc); sample b starts
+    from the noise of global index ``index[b]`` (default b).
 
     Raises :class:`ProbeContractError` when the model's output turns NaN/Inf along the way.
     """
@@ -75,7 +86,8 @@ def sample(probe: VectorFieldProbe, n: int, seed: int, steps: int = 50, batcher:
     alpha, sigma = proc.alpha(ts), proc.sigma(ts)
     lam = torch.log(alpha / sigma)
     lo, hi = probe.data_range
-    eps0 = torch.stack([rng.normal(probe.sample_shape, seed, "sampler", i, dtype=probe.dtype) for i in range(n)])
+    index = range(n) if index is None else index
+    eps0 = torch.stack([rng.normal(probe.sample_shape, seed, "sampler", int(i), dtype=probe.dtype) for i in index])
     x = (float(alpha[0]) * 0.5 * (lo + hi) + float(sigma[0]) * eps0).to(probe.device)
     prev: Tensor | None = None
     for i, t in enumerate(ts):
@@ -102,7 +114,9 @@ def _key(probe: VectorFieldProbe, n: int, seed: int, steps: int) -> dict[str, An
     info = probe.info
     if not info.weights_sha256:
         return None
+    cond = probe.conditioning
     return {
+        **({"conditioning": cond.describe()} if cond is not None else {}),
         "reference": info.reference,
         "revision": info.revision,
         "weights_sha256": info.weights_sha256,
@@ -139,6 +153,20 @@ def _read(folder: Path, name: str, key: dict[str, Any], shape: tuple[int, ...]) 
     return arr
 
 
+def _conditional_samples(probe: VectorFieldProbe, n: int, seed: int, steps: int, batcher: Batcher | None) -> Tensor:
+    """:func:`sample`, once per condition on the samples that condition is assigned (w = 1)."""
+    parts = conditioning.groups(probe, range(n), seed)
+    with conditioning.select(probe, guidance=1.0 if parts[0][0] is not None else None):
+        if len(parts) == 1:
+            with conditioning.select(probe, condition=parts[0][0]):
+                return sample(probe, n, seed, steps, batcher)
+        x = torch.empty(n, *probe.sample_shape, dtype=probe.dtype, device=probe.device)
+        for condition, pos in parts:
+            with conditioning.select(probe, condition=condition):
+                x[torch.tensor(pos, device=x.device)] = sample(probe, len(pos), seed, steps, batcher, index=pos)
+    return x
+
+
 def model_samples(
     probe: VectorFieldProbe,
     n: int,
@@ -163,7 +191,7 @@ def model_samples(
             log.info("x0: %d model samples read from the cache (%s)", n, folder / f"{name}.npy")
             return torch.from_numpy(arr).to(device=probe.device, dtype=probe.dtype), source
     log.info("x0: drawing %d samples from the model (deterministic DPM-Solver++(2M), %d steps)", n, steps)
-    x = sample(probe, n, seed, steps, batcher)
+    x = _conditional_samples(probe, n, seed, steps, batcher)
     if folder is not None and name is not None:
         try:
             _write(folder, name, x, key)
