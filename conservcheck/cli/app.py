@@ -246,9 +246,9 @@ def _publish(
         comparisons = headline_comparisons(report, baseline)
         display.comparison(console, report, comparisons)
     if fmt == "github":
-        from conservcheck.report.github import annotations, summary_markdown, write_step_summary
+        from conservcheck.report.github import summary_markdown, workflow_commands, write_step_summary
 
-        for a in annotations(report, results):
+        for a in workflow_commands(report, results):
             typer.echo(a)
         markdown = summary_markdown(report, results, comparisons, baseline_path)
         if write_step_summary(markdown) is None:

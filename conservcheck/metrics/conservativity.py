@@ -128,6 +128,8 @@ class ConservativityMetric(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    #: One [B, time points, columns] tensor per update (a single tensor on every rank after a sync).
+    values: list[Tensor]
 
     def __init__(
         self,
@@ -160,7 +162,6 @@ class ConservativityMetric(Metric):
         self.points: list[TimePoint] = []
         self.time_name = "t"
         self._seen = 0
-        #: One [B, time points, columns] tensor per update: the per-sample values.
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
     @staticmethod

@@ -61,8 +61,8 @@ def measurement_options() -> dict[str, str]:
         for o in spec.options:
             if o.name not in SELECTORS:
                 out.setdefault(o.name, name)
-    for o in CORE_MEASUREMENT:
-        out.setdefault(o, "probe")
+    for name in CORE_MEASUREMENT:
+        out.setdefault(name, "probe")
     return out
 
 

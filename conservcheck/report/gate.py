@@ -197,7 +197,8 @@ def parse(text: str) -> Expression:
             pos -= 1
             raise fail("a comparison (>, >=, <, <=, ==, !=)")
         value = number("a number")
-        return Condition(*parts, op, value, *scope())  # type: ignore[misc]
+        diagnostic, variant, column, statistic = parts
+        return Condition(diagnostic, variant, column, statistic, op, value, *scope())
 
     def regression(parts: list[str]) -> Regression:
         nonlocal pos

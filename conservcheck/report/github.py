@@ -45,7 +45,7 @@ def command(kind: str, message: str, title: str) -> str:
     return f"::{kind} title={escape_property(title)}::{escape_data(message)}"
 
 
-def annotations(report: AuditReport, results: Sequence[GateResult]) -> list[str]:
+def workflow_commands(report: AuditReport, results: Sequence[GateResult]) -> list[str]:
     """The workflow commands for a report and its gate results (module doc)."""
     name = _model(report)
     out = []
@@ -131,11 +131,11 @@ def write_step_summary(markdown: str, environ: Mapping[str, str] | None = None) 
 
 
 __all__ = [
-    "annotations",
     "command",
     "escape_data",
     "escape_property",
     "markdown_table",
     "summary_markdown",
+    "workflow_commands",
     "write_step_summary",
 ]
