@@ -262,3 +262,42 @@ def audit_end_to_end(tmp_path):
         return data
 
     return run
+
+
+def _injected_error_module():
+    """examples/ci/injected_error.py (the checkpoint with an injected rotation) as a module."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "ci" / "injected_error.py"
+    spec = importlib.util.spec_from_file_location("injected_error", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The settings of the real audits the baseline, CI and HTML tests compare: rotation loops on the embedded
+#: funnel (an MLP, seconds on a CPU), 16 samples of 32 nodes at the default six time points.
+FUNNEL_AUDIT = dict(paths="rotation", curl="none", n_samples=16, n_points=32)
+
+
+@pytest.fixture(scope="session")
+def funnel_reports(tmp_path_factory):
+    """Real JSON reports: ``seed0`` and ``seed1`` of the embedded funnel, ``injected`` of the funnel with an
+    injected non-conservative error (examples/ci/injected_error.py), seed 0; all with :data:`FUNNEL_AUDIT`."""
+    folder = tmp_path_factory.mktemp("funnel-reports")
+    cache = folder / "cache"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        paths = {}
+        for name, model, seed in (
+            ("seed0", "embedded:funnel", 0),
+            ("seed1", "embedded:funnel", 1),
+            ("injected", _injected_error_module().funnel_rotated(), 0),
+        ):
+            report = conservcheck.audit(model, seed=seed, cache_dir=str(cache), **FUNNEL_AUDIT)
+            paths[name] = folder / f"{name}.json"
+            report.to_json(paths[name])
+    finally:
+        torch.set_num_threads(before)
+    return paths

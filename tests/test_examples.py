@@ -83,6 +83,46 @@ def test_train_digits_quick_loads_as_a_diffusers_model(tmp_path):
     assert record["ema_eval_loss"] < 1.0 and record["parameters"] > 0
 
 
+def test_train_digits_logs_conservativity_to_tensorboard(tmp_path):
+    """--metric-every: ConservativityMetric on the EMA network every 2 steps, logged to TensorBoard, read back
+    from the event file and drawn; the metric changes no weight (the same run without it saves the same)."""
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("tensorboard")
+    common = ["--steps", "4", "--log-every", "2", "--eval-draws", "1", "--samples", ""]
+    tracking = ["--metric-every", "2", "--metric-samples", "2", "--metric-points", "16", "--metric-times", "10,500"]
+    proc = example(
+        "train_digits.py",
+        *common,
+        *tracking,
+        "--tensorboard",
+        "tb",
+        "--curve",
+        "curve.png",
+        "--out",
+        "tracked",
+        tmp_path=tmp_path,
+    )
+    assert "loop.rotation.abs_circulation_ratio" in proc.stdout
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from train_digits import logged_scalars
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    logged = logged_scalars(tmp_path / "tb")
+    for tag in ("loop.rotation.abs_circulation_ratio", "loop.rotation.abs_circulation_ratio/k=500"):
+        steps, values = zip(*logged[tag])
+        assert steps == (2, 4) and all(0 < v < 1 for v in values)  # a ratio |∮ s·dy| / ∮|s||dy|
+    record = json.loads((tmp_path / "tracked" / "training.json").read_text())
+    assert [e["step"] for e in record["conservativity_log"]] == [2, 4]
+    headline = "loop.rotation.abs_circulation_ratio"
+    # TensorBoard keeps float32.
+    assert record["conservativity_log"][1][headline] == pytest.approx(logged[headline][1][1], rel=1e-6)
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    example("train_digits.py", *common, "--out", "plain", tmp_path=tmp_path)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "tracked" / weights).read_bytes() == (tmp_path / "plain" / weights).read_bytes()
+
+
 def test_evaluation_pipeline_on_the_funnel(tmp_path):
     proc = example(
         "evaluation_pipeline.py",

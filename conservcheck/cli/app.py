@@ -178,32 +178,129 @@ def _gates(texts: list[str]) -> list[Any]:
     return [parse(t) for t in texts]
 
 
-def _apply_gates(exprs: list[Any], report: Any, junit: str | None, console: Console) -> int:
+def _apply_gates(
+    exprs: list[Any],
+    report: Any,
+    junit: str | None,
+    console: Console,
+    baseline: Any = None,
+    allow_seed_change: bool = False,
+) -> tuple[int, list[Any]]:
+    """Evaluate the gates, print one line per condition (and its values); (exit code, results)."""
     from conservcheck.report.gate import evaluate, write_junit
 
-    results = [evaluate(e, report) for e in exprs]
+    results = [evaluate(e, report, baseline, allow_seed_change=allow_seed_change) for e in exprs]
     for r in results:
         display.line(console, f"gate {'FAIL' if r.holds else 'ok'}: {r.expression.text}")
         for d in r.details[:10]:
             display.line(console, f"  {d}")
     if junit:
         write_junit(junit, results, report)
-    return 1 if any(r.holds for r in results) else 0
+    return (1 if any(r.holds for r in results) else 0), results
+
+
+FORMATS = ("text", "github")
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise UsageError(f"--format: expected {' or '.join(FORMATS)}, got {fmt!r}", "use --format github in Actions")
+    return fmt
+
+
+def _read_baseline(path: str | None, report: Any, allow_seed_change: bool, fmt: str) -> Any:
+    """The baseline report at ``path`` (None without one), refused unless comparable with ``report``; in the
+    github format a refusal is also an ``::error`` annotation."""
+    if path is None:
+        if allow_seed_change:
+            raise UsageError("--allow-seed-change applies to a comparison", "add --baseline OLD.json")
+        return None
+    from conservcheck.report.baseline import check_comparable
+
+    try:
+        baseline = _read(path)
+        check_comparable(report, baseline, allow_seed_change=allow_seed_change)
+    except UsageError as err:
+        if fmt == "github":
+            from conservcheck.report.github import command
+
+            typer.echo(command("error", str(err), "conservcheck"))
+        raise
+    return baseline
+
+
+def _publish(
+    report: Any,
+    results: list[Any],
+    console: Console,
+    fmt: str,
+    baseline: Any = None,
+    baseline_path: str | None = None,
+    html_path: str | None = None,
+) -> None:
+    """The outputs beyond the console: GitHub annotations and job summary, the HTML page."""
+    comparisons = None
+    if baseline is not None:
+        from conservcheck.report.baseline import headline_comparisons
+
+        comparisons = headline_comparisons(report, baseline)
+        display.comparison(console, report, comparisons)
+    if fmt == "github":
+        from conservcheck.report.github import summary_markdown, workflow_commands, write_step_summary
+
+        for a in workflow_commands(report, results):
+            typer.echo(a)
+        markdown = summary_markdown(report, results, comparisons, baseline_path)
+        if write_step_summary(markdown) is None:
+            typer.echo("conservcheck: GITHUB_STEP_SUMMARY is not set; the job summary follows on stdout", err=True)
+            typer.echo(markdown)
+    if html_path:
+        from conservcheck.report.html import write_html
+
+        write_html(
+            html_path,
+            report,
+            baseline=baseline,
+            comparisons=comparisons,
+            baseline_name=baseline_path,
+            results=results,
+        )
+        display.line(console, f"html report: {html_path}")
 
 
 # ---------------------------------------------------------------------------------------------- audit
 
 
-def _check_outputs(json_path: str | None, csv_path: str | None, junit: str | None, exprs: list[Any]) -> None:
+def _check_outputs(
+    json_path: str | None, csv_path: str | None, junit: str | None, exprs: list[Any], html_path: str | None = None
+) -> None:
     if json_path == "-" and csv_path == "-":
         raise UsageError("--json - and --csv - would both write to stdout", "write one of them to a file")
     if junit and not exprs:
         raise UsageError("--junit needs at least one --fail-if condition", "add --fail-if 'verdict != pass'")
-    _writable(json_path, csv_path, junit)
+    _writable(json_path, csv_path, junit, html_path)
+
+
+def _needs_baseline(exprs: list[Any], baseline_path: str | None) -> None:
+    from conservcheck.report.gate import needs_baseline
+
+    for e in exprs:
+        if needs_baseline(e) and baseline_path is None:
+            raise UsageError(
+                f"--fail-if {e.text!r}: 'worse by' compares with a baseline report", "add --baseline OLD.json"
+            )
 
 
 def _finish_report(
-    report: Any, json_path: str | None, csv_path: str | None, junit: str | None, exprs: list[Any]
+    report: Any,
+    json_path: str | None,
+    csv_path: str | None,
+    junit: str | None,
+    exprs: list[Any],
+    html_path: str | None = None,
+    baseline_path: str | None = None,
+    allow_seed_change: bool = False,
+    fmt: str = "text",
 ) -> None:
     """Write the report files (each atomically), print tables and verdict, apply the gates, exit."""
     console = display.out_console(json_path == "-" or csv_path == "-")
@@ -212,7 +309,9 @@ def _finish_report(
     if csv_path:
         report.to_csv(csv_path)
     display.show(report, console)
-    code = _apply_gates(exprs, report, junit, console) if exprs else 0
+    baseline = _read_baseline(baseline_path, report, allow_seed_change, fmt)
+    code, results = _apply_gates(exprs, report, junit, console, baseline, allow_seed_change) if exprs else (0, [])
+    _publish(report, results, console, fmt, baseline, baseline_path, html_path)
     raise typer.Exit(code)
 
 
@@ -242,12 +341,20 @@ def _run_audit(
     junit: str | None,
     fail_if: list[str],
     quiet: bool,
+    html_path: str | None = None,
+    baseline_path: str | None = None,
+    allow_seed_change: bool = False,
+    fmt: str = "text",
     **options: Any,
 ) -> None:
     from conservcheck.runner.audit import AuditInterrupted, audit
 
     exprs = _gates(fail_if or [])
-    _check_outputs(json_path, csv_path, junit, exprs)
+    _check_outputs(json_path, csv_path, junit, exprs, html_path)
+    _needs_baseline(exprs, baseline_path)
+    fmt = _check_format(fmt)
+    if baseline_path is not None:
+        _read(baseline_path)  # a missing or unreadable baseline is refused before the audit runs
     given = {k: v for k, v in options.items() if v is not None and v is not False and v != []}
     with _logging(quiet) as err, _terminate_as_interrupt():
         try:
@@ -259,7 +366,27 @@ def _run_audit(
         except KeyboardInterrupt:
             _error("interrupted before any unit finished (nothing to resume; run the command again)")
             raise typer.Exit(130) from None
-    _finish_report(report, json_path, csv_path, junit, exprs)
+    _finish_report(report, json_path, csv_path, junit, exprs, html_path, baseline_path, allow_seed_change, fmt)
+
+
+HTML_OPTION = typer.Option(
+    None, "--html", metavar="PATH", help="Write the report as one self-contained HTML page (figures embedded)."
+)
+BASELINE_OPTION = typer.Option(
+    None,
+    "--baseline",
+    metavar="OLD.json",
+    help="A baseline report: compared per time point, and the reference of 'worse by' conditions.",
+)
+SEED_CHANGE_OPTION = typer.Option(
+    False, "--allow-seed-change", help="Compare with a baseline audited with another seed (independent draws)."
+)
+FORMAT_OPTION = typer.Option(
+    "text",
+    "--format",
+    metavar="text|github",
+    help="github: also ::error/::warning annotations and a Markdown summary in $GITHUB_STEP_SUMMARY.",
+)
 
 
 def _audit_signature() -> list[inspect.Parameter]:
@@ -347,6 +474,10 @@ def _audit_signature() -> list[inspect.Parameter]:
             annotation=bool,
             default=typer.Option(False, "--quiet", "-q", help="No logs and no progress bar."),
         ),
+        inspect.Parameter("html_path", kw, annotation=str | None, default=HTML_OPTION),
+        inspect.Parameter("baseline_path", kw, annotation=str | None, default=BASELINE_OPTION),
+        inspect.Parameter("allow_seed_change", kw, annotation=bool, default=SEED_CHANGE_OPTION),
+        inspect.Parameter("fmt", kw, annotation=str, default=FORMAT_OPTION),
     ]
     return params
 
@@ -381,6 +512,10 @@ def merge_cmd(
         [], "--fail-if", metavar="EXPR", help="Exit with 1 when this condition holds (repeatable)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs."),
+    html_path: str | None = HTML_OPTION,
+    baseline_path: str | None = BASELINE_OPTION,
+    allow_seed_change: bool = SEED_CHANGE_OPTION,
+    fmt: str = FORMAT_OPTION,
 ) -> None:
     """Combine the partial-results files of a sharded audit into its report (identical to an unsharded run).
 
@@ -390,10 +525,12 @@ def merge_cmd(
     from conservcheck.runner.merge import merge
 
     exprs = _gates(fail_if or [])
-    _check_outputs(json_path, csv_path, junit, exprs)
+    _check_outputs(json_path, csv_path, junit, exprs, html_path)
+    _needs_baseline(exprs, baseline_path)
+    fmt = _check_format(fmt)
     with _logging(quiet):
         report = merge(journals)
-    _finish_report(report, json_path, csv_path, junit, exprs)
+    _finish_report(report, json_path, csv_path, junit, exprs, html_path, baseline_path, allow_seed_change, fmt)
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -458,15 +595,48 @@ def _isna(v: Any) -> bool:
 def gate_cmd(
     report: str = typer.Argument(..., metavar="REPORT", help="A JSON report written with --json."),
     fail_if: list[str] = typer.Option(..., "--fail-if", metavar="EXPR", help="Condition (repeatable)."),
+    baseline_path: str | None = BASELINE_OPTION,
+    allow_seed_change: bool = SEED_CHANGE_OPTION,
     junit: str | None = typer.Option(None, "--junit", metavar="PATH", help="Write JUnit XML."),
+    html_path: str | None = HTML_OPTION,
+    fmt: str = FORMAT_OPTION,
 ) -> None:
-    """Check --fail-if conditions on an existing report (exit 1 when one holds)."""
+    """Check --fail-if conditions on an existing report, absolute or against a baseline (exit 1 when one holds).
+
+    'worse by P%' conditions compare the per-sample values with --baseline: they hold only when the ratio of
+    medians exceeds 1 + P/100 with 95% confidence. Reports whose time points, loops or seeds differ are
+    refused (exit 2).
+    """
     exprs = _gates(fail_if)
-    _writable(junit)
+    _needs_baseline(exprs, baseline_path)
+    fmt = _check_format(fmt)
+    _writable(junit, html_path)
     rep = _read(report)
+    baseline = _read_baseline(baseline_path, rep, allow_seed_change, fmt)
     console = display.out_console(False)
     display.line(console, f"verdict: {rep.verdict}")
-    raise typer.Exit(_apply_gates(exprs, rep, junit, console))
+    code, results = _apply_gates(exprs, rep, junit, console, baseline, allow_seed_change)
+    _publish(rep, results, console, fmt, baseline, baseline_path, html_path)
+    raise typer.Exit(code)
+
+
+@app.command("report")
+def report_cmd(
+    report: str = typer.Argument(..., metavar="REPORT", help="A JSON report written with --json."),
+    html_path: str | None = HTML_OPTION,
+    baseline_path: str | None = BASELINE_OPTION,
+    allow_seed_change: bool = SEED_CHANGE_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
+    """Show a saved report: its tables and verdict, with --html as one self-contained page, with --baseline
+    beside a baseline report (ratios of medians per time point with bootstrap intervals)."""
+    fmt = _check_format(fmt)
+    _writable(html_path)
+    rep = _read(report)
+    baseline = _read_baseline(baseline_path, rep, allow_seed_change, fmt)
+    console = display.out_console(False)
+    display.show(rep, console)
+    _publish(rep, [], console, fmt, baseline, baseline_path, html_path)
 
 
 @app.command("transport")

@@ -141,6 +141,24 @@ def condition_line(cond: dict[str, Any]) -> str:
     return f"conditions: {what}{', ' + spread if spread else ''}; guidance w = {scales}"
 
 
+def comparison(console: Console, report: Any, comparisons: list[Any]) -> None:
+    """One table per compared metric: medians here and in the baseline, their ratio and its 95% interval."""
+    by_metric: dict[str, list[Any]] = {}
+    for c in comparisons:
+        by_metric.setdefault(c.metric, []).append(c)
+    for metric, rows in by_metric.items():
+        title = f"against the baseline — {metric} (median)"
+        table = Table(title=title, title_justify="left", min_width=len(title), box=box.SIMPLE_HEAD)
+        for name in ("time", "baseline", "this report", "ratio", "95% interval"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for c in rows:
+            interval = f"{fmt(c.low)} – {fmt(c.high)}" if c.status == "ok" else c.status
+            table.add_row(
+                report.time_label(c.time_key), fmt(c.median_baseline), fmt(c.median_new), fmt(c.ratio), interval
+            )
+        console.print(table)
+
+
 def line(console: Console, text: str) -> None:
     """One unwrapped line of plain text (verdicts and gate results stay greppable)."""
     console.print(text, markup=False, soft_wrap=True)
