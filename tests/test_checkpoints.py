@@ -361,3 +361,26 @@ def test_snapshot_path_inside_the_cache_loads_like_the_hub_id(tmp_path, offline)
     info = load_reference(str(snap)).info
     assert (info.name, info.revision, info.extra["source"]) == ("google/ddpm-church-256", snap.name, "local")
     assert hub.snapshot_of(snap) == ("google/ddpm-church-256", snap.name)
+
+
+def test_pickle_needing_trust_keeps_the_published_attention_names(tmp_path, offline):
+    """A flat repository whose .bin needs arbitrary unpickling loads only with trust_remote_code, and then
+    the pre-0.15 attention names are renamed as diffusers' own loader renames them."""
+    import collections
+
+    repo_id = "google/ddpm-cifar10-32"
+    cache = tmp_path / "hub"
+    snap = PC.build(repo_id, cache, size="small")
+    ref = load_reference(repo_id, cache_dir=cache, dtype=F64)
+    weights = snap / "diffusion_pytorch_model.bin"
+    state = torch.load(weights, weights_only=True)
+    assert any(k.endswith(".query.weight") for k in state)
+    weights.unlink()  # the snapshot entry is a link into blobs/
+    torch.save(collections.defaultdict(list, state), weights)  # outside weights_only's allow-list
+    with pytest.raises(ModelLoadError, match="needs arbitrary unpickling"):
+        load_reference(repo_id, cache_dir=cache)
+    probe = load_reference(repo_id, cache_dir=cache, dtype=F64, trust_remote_code=True)
+    assert probe.info.extra["weights_loader"] == "torch.load(weights_only=False)"
+    x, k = _x((1, *probe.sample_shape)), torch.tensor([500.0], dtype=F64)
+    with torch.no_grad():
+        assert torch.equal(probe.fn(x, k), ref.fn(x, k))

@@ -408,7 +408,9 @@ def _load_trusted(cls: Any, folder: pathlib.Path, weights: WeightsFiles, dtype: 
         except Exception as err:
             raise ModelLoadError(f"cannot unpickle {f} ({reason(err)})", DAMAGED_HINT) from err
     # attention weights saved before diffusers 0.15 (query/key/value/proj_attn), renamed as from_pretrained does
-    model._fix_state_dict_keys_on_load(state)
+    fix_keys = getattr(model, "_fix_state_dict_keys_on_load", None)
+    if fix_keys is not None:
+        fix_keys(state)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:

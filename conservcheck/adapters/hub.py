@@ -177,7 +177,7 @@ def _patterns(files: list[str]) -> list[str]:
 
 def _cached_listing(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> list[str] | None:
     """The repository's file list as huggingface_hub cached it at the last download (``trees/<commit>.json``,
-    huggingface_hub ≥ 1.0), or None when there is none."""
+    written by recent huggingface_hub versions), or None when there is none."""
     try:
         from huggingface_hub import get_cached_repo_tree
         from huggingface_hub.errors import CachedRepoTreeNotFoundError
