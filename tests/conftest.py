@@ -9,11 +9,10 @@ not sample quality.
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
-import os
 import pathlib
-import shutil
+import sys
 
 import pytest
 import torch
@@ -170,34 +169,34 @@ def latent_folder(tmp_path_factory):
     return make
 
 
+def published_checkpoints():
+    """``examples/published_checkpoints.py`` as a module: the published repositories' layouts and configs,
+    and the hub-cache writer (:func:`add_to_cache`)."""
+    name = "published_checkpoints"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.fixture
 def hub_cache(tmp_path):
     """Factory: ``hub_cache(repo_id, source, commit, refs=("main",))`` → cache dir (tmp_path / "hub").
 
-    Writes the Hugging Face cache layout huggingface_hub itself produces:
-    ``models--owner--name/blobs/<sha256>`` holding each file's bytes, ``snapshots/<commit>/<path>``
-    symbolic links to those blobs (plain copies where the platform has no symlinks) and
-    ``refs/<ref>`` files holding the commit hash.
+    Writes the Hugging Face cache layout huggingface_hub itself produces
+    (``published_checkpoints.add_to_cache``): ``models--owner--name/blobs/<sha256>`` holding each file's
+    bytes, ``snapshots/<commit>/<path>`` symbolic links to those blobs (plain copies where the platform has
+    no symlinks) and ``refs/<ref>`` files holding the commit hash. ``source`` is a folder or a mapping of
+    repository paths to bytes.
     """
     cache = tmp_path / "hub"
+    module = published_checkpoints()
 
-    def add(repo_id: str, source: pathlib.Path, commit: str, refs: tuple[str, ...] = ("main",)) -> pathlib.Path:
-        repo = cache / ("models--" + repo_id.replace("/", "--"))
-        blobs, snap = repo / "blobs", repo / "snapshots" / commit
-        blobs.mkdir(parents=True, exist_ok=True)
-        for src in sorted(p for p in source.rglob("*") if p.is_file()):
-            data = src.read_bytes()
-            blob = blobs / hashlib.sha256(data).hexdigest()
-            blob.write_bytes(data)
-            dst = snap / src.relative_to(source)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.symlink(os.path.relpath(blob, dst.parent), dst)
-            except OSError:
-                shutil.copyfile(blob, dst)
-        for ref in refs:
-            (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-            (repo / "refs" / ref).write_text(commit)
+    def add(repo_id: str, source, commit: str, refs: tuple[str, ...] = ("main",)) -> pathlib.Path:
+        module.add_to_cache(cache, repo_id, source, commit, refs)
         return cache
 
     return add

@@ -301,8 +301,8 @@ def test_unreadable_scheduler_config(model, cache):
     folder = model()
     (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
     assert fails(folder, cache=cache) == (
-        f"{folder / 'scheduler' / 'scheduler_config.json'} is not a JSON object (re-save the "
-        "scheduler with save_pretrained)"
+        f"{folder / 'scheduler' / 'scheduler_config.json'} is not a JSON object: the noise schedule decides the "
+        "model's units (download the model again, or save the training scheduler there (save_pretrained))"
     )
 
 

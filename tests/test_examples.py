@@ -241,3 +241,50 @@ def test_latent_diffusion_quick(tmp_path):
         "stein.data",
     }
     assert "## Figs. 2 b, d and 4 — latent space" in (out / "numbers.md").read_text()
+
+
+def test_published_checkpoints_rebuilds_a_cache_the_cli_reads_offline(tmp_path):
+    """examples/published_checkpoints.py writes google/ncsnpp-celebahq-256's layout into a hub cache; with
+    HF_HUB_CACHE pointing there, ``conservcheck fetch`` and ``audit`` find it with HF_HUB_OFFLINE=1 and no
+    --cache-dir, as the closing commands of docs/checkpoints.md do. It refuses huggingface_hub's default
+    cache."""
+    cache = tmp_path / "published-hub"
+    proc = example(
+        "published_checkpoints.py",
+        "--cache-dir",
+        str(cache),
+        "--size",
+        "small",
+        "google/ncsnpp-celebahq-256",
+        tmp_path=tmp_path,
+    )
+    snap = Path(proc.stdout.strip())
+    assert snap.parent.parent == cache / "models--google--ncsnpp-celebahq-256"
+    assert sorted(p.name for p in snap.iterdir()) == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.bin",
+        "model_index.json",
+        "scheduler_config.json",
+    ]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    fetched = subprocess.run(
+        [sys.executable, "-m", "conservcheck.cli.app", "fetch", "google/ncsnpp-celebahq-256"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert fetched.returncode == 0 and fetched.stdout.strip() == str(snap), fetched.stderr
+    refused = run(
+        [
+            sys.executable,
+            str(EXAMPLES / "published_checkpoints.py"),
+            "--cache-dir",
+            str(tmp_path / "hf" / "hub"),
+            "google/ddpm-cifar10-32",
+        ],
+        tmp_path,
+    )
+    assert refused.returncode == 2 and "huggingface_hub's default cache" in refused.stderr

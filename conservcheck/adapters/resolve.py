@@ -7,7 +7,8 @@ Resolution order (the first rule that applies wins):
    (``conservcheck.adapters.custom.load_factory``).
 3. an existing local file or folder.
 4. a hub id ``owner/name`` (revision from ``owner/name@rev`` or the ``revision`` argument, default
-   ``main``) — downloaded through :mod:`conservcheck.adapters.hub` into the hub cache, giving a local folder.
+   ``main``) — the files the adapters read downloaded through :mod:`conservcheck.adapters.hub` into the hub
+   cache, giving a local folder.
 
 For 3 and 4 the adapters' ``detect`` are asked in registry order (:mod:`conservcheck.adapters`) and the
 first match's ``load`` builds the probe. The probe's ``info`` then records the reference, the resolved
@@ -56,8 +57,10 @@ def resolve(
     cache_dir: str | pathlib.Path | None = None,
     endpoint: str | None = None,
     offline: bool | None = None,
+    variant: str | None = None,
 ) -> Resolved:
-    """Apply the resolution order to a reference; hub ids are fetched to a local snapshot folder.
+    """Apply the resolution order to a reference; hub ids are fetched to a local snapshot folder (the files
+    the adapters read, with weights ``variant``: :func:`hub.snapshot`).
 
     Raises :class:`UsageError` for a revision given twice or given for a non-hub reference, and
     :class:`ModelLoadError` for a path that does not exist or a hub failure (:func:`hub.explain`).
@@ -90,8 +93,49 @@ def resolve(
             f"no file or folder {ref!r}, and it is not a hub id (owner/name)",
             "check the path, or name a hub model as owner/name[@revision]",
         )
-    folder = hub.snapshot(repo_id, at_rev or revision, cache_dir, endpoint=endpoint, offline=offline)
+    folder = hub.snapshot(repo_id, at_rev or revision, cache_dir, endpoint=endpoint, offline=offline, variant=variant)
     return Resolved("hub", ref, path=folder, repo_id=repo_id, revision=(hub.snapshot_of(folder) or (None, None))[1])
+
+
+def fetch(
+    reference: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | pathlib.Path | None = None,
+    endpoint: str | None = None,
+    offline: bool | None = None,
+    variant: str | None = None,
+) -> tuple[pathlib.Path, str]:
+    """Download the files of hub model ``owner/name[@rev]`` that the adapters read into the hub cache (for an
+    air-gapped machine: copy the cache, then load with ``HF_HUB_OFFLINE=1``). Returns (snapshot folder, name
+    of the adapter that will read it).
+
+    Offline (``HF_HUB_OFFLINE=1``), checks that the cache holds them instead. Raises :class:`UsageError` for a
+    reference that is not a hub id, :class:`ModelLoadError` for a hub failure (:func:`hub.explain`) or files
+    that no adapter recognises.
+    """
+    ref = str(reference).strip()
+    repo_id, at_rev = hub.split_revision(ref)
+    if ref.startswith(EMBEDDED_PREFIX) or not hub.is_hub_id(repo_id):
+        raise UsageError(
+            f"{ref!r} is not a hub id: fetch downloads Hugging Face Hub models",
+            "name the model as owner/name or owner/name@revision",
+        )
+    if at_rev is not None and revision is not None and at_rev != revision:
+        raise UsageError(
+            f"two revisions for {repo_id}: {at_rev!r} in the reference and {revision!r} given separately",
+            "give the revision once",
+        )
+    folder = hub.snapshot(repo_id, at_rev or revision, cache_dir, endpoint=endpoint, offline=offline, variant=variant)
+    chosen, broken = adapters.detect(folder)
+    if chosen is None:
+        skipped = f"; adapters that failed: {'; '.join(broken)}" if broken else ""
+        raise ModelLoadError(
+            f"no adapter recognises the files of {repo_id} in {folder}{skipped}",
+            "conservcheck reads diffusers UNet pipelines, score_sde / EDM checkpoints and flow models; wrap "
+            "anything else with a 'module:factory' reference",
+        )
+    return folder, str(getattr(chosen, "NAME", chosen.__name__))
 
 
 def _no_revision(revision: str | None, ref: str) -> None:
@@ -153,7 +197,14 @@ def load_reference(
     Returns:
         the probe; ``probe.info`` holds reference, revision, weights SHA-256 and the trust flag.
     """
-    res = resolve(reference, revision=revision, cache_dir=cache_dir, endpoint=endpoint, offline=offline)
+    res = resolve(
+        reference,
+        revision=revision,
+        cache_dir=cache_dir,
+        endpoint=endpoint,
+        offline=offline,
+        variant=options.get("variant"),
+    )
     condition = dict(condition or {})
     if res.kind == "embedded":
         _no_condition(condition, f"the embedded model {res.spec!r}")

@@ -1,4 +1,4 @@
-"""The ``conservcheck`` command: audit, merge, plot, compare, gate and transport.
+"""The ``conservcheck`` command: audit, fetch, merge, plot, compare, gate, transport and selftest.
 
 A thin layer over the API: ``conservcheck audit`` has one flag per option of
 :func:`conservcheck.runner.options.audit_options` (built from that table) and calls
@@ -494,6 +494,36 @@ def _audit_command(**kwargs: Any) -> None:
 _audit_command.__signature__ = inspect.Signature(_audit_signature())  # type: ignore[attr-defined]
 _audit_command.__annotations__ = {p.name: p.annotation for p in _audit_signature()}
 app.command("audit")(_audit_command)
+
+
+@app.command("fetch")
+def fetch_cmd(
+    model: str = typer.Argument(..., metavar="MODEL", help="Hub model: owner/name or owner/name@revision."),
+    revision: str | None = typer.Option(
+        None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit) of MODEL. [default: main]"
+    ),
+    cache_dir: str | None = typer.Option(
+        None,
+        "--cache-dir",
+        metavar="DIR",
+        help="Hub cache folder to fill (the folder audit --cache-dir reads). [default: the Hugging Face cache]",
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs."),
+) -> None:
+    """Download the files of a hub model that conservcheck reads, and print the snapshot folder.
+
+    For machines without network: fetch where there is network, copy the cache folder, then audit there
+    with HF_HUB_OFFLINE=1. Only what the adapters read is downloaded (one weights format, no ONNX or Flax
+    exports); the commit, files and sizes go to stderr, the snapshot folder to stdout. With HF_HUB_OFFLINE=1
+    it checks the cache instead of downloading. Exit codes: 0 done, 2 usage error or a model that cannot be
+    fetched.
+    """
+    from conservcheck.adapters.resolve import fetch
+
+    with _logging(quiet):
+        folder, adapter = fetch(model, revision=revision, cache_dir=cache_dir)
+        log.info("%s: read by the %s adapter; load it offline with HF_HUB_OFFLINE=1", folder.name[:12], adapter)
+    typer.echo(str(folder))
 
 
 @app.command("merge")
