@@ -11,12 +11,16 @@ Grammar (keywords are case-insensitive; ``and`` binds tighter than ``or``)::
     scope      := "at" "any" "time" | "at" "all" "times"
                 | "at" "k" "=" INTEGER | "at" "t" "=" NUMBER | "at" "sigma" "=" NUMBER
 
-STATISTIC is one of the summary's ``n, median, q25, q75, mean, ci_low, ci_high``; the scope defaults to
-``at any time``. Examples::
+STATISTIC is one of the summary's ``n, median, q25, q75, mean, ci_low, ci_high, pooled`` (``pooled``
+only for the metrics pooled over samples: the curl's ratios); the scope defaults to ``at any time``.
+Examples::
 
     loop.rotation.abs_circulation_ratio.median > 0.05
     curl.hutchinson.rel_asym.mean > 0.2 at any time
     loop.*.abs_eq7.q75 > 1 at all times or verdict == invalid
+
+A time given as ``t=…`` or ``sigma=…`` names the time point it equals, or that rounds to it as the tables
+print it (3 to 6 significant digits); a value that names two time points is refused.
 
 A condition on a (diagnostic, variant, time point) whose statistics are empty because the unit did not
 finish cleanly (NaN/Inf output, an error) *holds*: a gate fails closed. A metric the report does not
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from conservcheck import diagnostics
 from conservcheck.errors import UsageError
 from conservcheck.files import write_atomic
 from conservcheck.report.audit_report import AuditReport
@@ -205,6 +210,11 @@ def parse(text: str) -> Expression:
 
 
 def _select(cond: Condition, summary: pd.DataFrame, label: Callable[[str], str]) -> pd.DataFrame:
+    if cond.statistic == "pooled" and diagnostics.pooled_metric(cond.diagnostic, cond.column) is None:
+        raise UsageError(
+            f"--fail-if: {cond.diagnostic}.{cond.variant}.{cond.column} has no pooled value",
+            "pooled values exist for curl.subjacobian.curl_rel_fro and curl.hutchinson.rel_asym",
+        )
     s = summary[(summary["diagnostic"] == cond.diagnostic) & (summary["metric"] == cond.column)]
     if cond.variant != "*":
         s = s[s["variant"] == cond.variant]
@@ -217,13 +227,25 @@ def _select(cond: Condition, summary: pd.DataFrame, label: Callable[[str], str])
         if axis == "k":
             s = s[s["time_index"] == int(v)]
         else:
-            s = s[[math.isclose(x, v, rel_tol=1e-6) for x in s["t" if axis == "t" else "sigma"]]]
+            s = s[[same_time(x, v) for x in s["t" if axis == "t" else "sigma"]]]
         if s.empty:
             points = sorted({label(k) for k in summary["time_key"]})
             raise UsageError(
                 f"--fail-if: the report has no time point {axis}={v:g}", "time points: " + ", ".join(points)
             )
+        if s["time_key"].nunique() > 1:
+            points = sorted({label(k) for k in s["time_key"]})
+            raise UsageError(
+                f"--fail-if: {axis}={v:g} matches {len(points)} time points ({', '.join(points)})",
+                "give the time with more digits",
+            )
     return s
+
+
+def same_time(x: float, v: float) -> bool:
+    """Whether a time typed as ``v`` names the time ``x``: equal to 1e-6, or ``x`` rounded to 3–6
+    significant digits (``t=0.02041`` as the tables print it names t = 0.020408…)."""
+    return math.isclose(x, v, rel_tol=1e-6) or any(float(f"{x:.{k}g}") == v for k in range(3, 7))
 
 
 def _holds(cond: Atom, report: AuditReport) -> tuple[bool, list[str]]:

@@ -34,7 +34,7 @@ from conservcheck.settings import (
     integer,
     memory,
     numbers,
-    optional_text,
+    text,
 )
 
 PAPER_SAMPLES = 256
@@ -126,7 +126,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         "batch_size",
         "auto",
         "--batch-size",
-        "Model batch size, or auto.",
+        "Model batch size, or auto (a resumed or merged audit must use the same).",
         auto_or(integer("--batch-size", 1)),
         "N|auto",
         numeric=False,
@@ -146,7 +146,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         "--data",
         "Clean samples x0: a folder of images, an .npy/.npz/.pt array, or a table file (local or hf://); "
         "default: samples drawn from the model.",
-        optional_text,
+        text("--data", "a file or folder path"),
         "PATH",
         shown="samples from the model",
         schema={"type": ["string", "null"]},
@@ -156,7 +156,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         None,
         "--revision",
         "Hub revision (branch, tag or commit) of MODEL.",
-        optional_text,
+        text("--revision", "a branch, tag or commit"),
         "REV",
         schema={"type": ["string", "null"]},
     ),
@@ -165,7 +165,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         None,
         "--cache-dir",
         "Cache folder for hub downloads, model samples and partial results.",
-        optional_text,
+        text("--cache-dir", "a folder path"),
         "DIR",
         shown="the Hugging Face cache",
         numeric=False,
@@ -185,8 +185,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
         None,
         "--resume",
         "Partial-results file (JSON lines): its finished units are reused and new ones appended to it "
-        "(default: a file in the cache folder, named in the log, removed once the audit completes).",
-        optional_text,
+        "(default: a file of this run in the cache folder, named in the log, removed once the report is written).",
+        text("--resume", "a file path"),
         "PATH",
         numeric=False,
         shown="a file in the cache folder",
