@@ -16,10 +16,14 @@ Three lines wrap a custom epsilon-network trained with DDPM's linear schedule::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import hashlib
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,6 +32,59 @@ from conservcheck.errors import ProbeContractError, UsageError
 from conservcheck.parameterization import canonical_name, to_score
 from conservcheck.precision import check_mode, forward_context
 from conservcheck.process import OUProcess, Process, TimeConvention, expand_like
+
+
+def _reachable_tensors(obj: Any, path: str, seen: set[int], depth: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, tensor) for every tensor (or numpy array) reachable from ``obj``, in a fixed order: an
+    ``nn.Module``'s state dict, a bound method's object, a function's closure cells, a partial's function
+    and arguments, the items of lists, tuples and dicts and an object's attributes, ``depth`` levels deep."""
+    if id(obj) in seen or depth < 0:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc":
+        yield path, torch.from_numpy(np.ascontiguousarray(obj))
+    elif isinstance(obj, torch.nn.Module):
+        for name, t in sorted(obj.state_dict(keep_vars=True).items()):
+            yield f"{path}.{name}", t
+    elif inspect.ismethod(obj):
+        yield from _reachable_tensors(obj.__self__, f"{path}.__self__", seen, depth - 1)
+    elif inspect.isfunction(obj):
+        for i, cell in enumerate(obj.__closure__ or ()):
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            yield from _reachable_tensors(content, f"{path}.<cell {i}>", seen, depth - 1)
+    elif isinstance(obj, functools.partial):
+        yield from _reachable_tensors((obj.func, obj.args, obj.keywords), path, seen, depth - 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _reachable_tensors(v, f"{path}[{i}]", seen, depth - 1)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _reachable_tensors(obj[k], f"{path}[{k!r}]", seen, depth - 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not inspect.ismodule(obj):
+        for k in sorted(vars(obj)):
+            yield from _reachable_tensors(vars(obj)[k], f"{path}.{k}", seen, depth - 1)
+
+
+def weights_digest(model: Any, depth: int = 6) -> str | None:
+    """SHA-256 of every tensor reachable from ``model`` (names, dtypes, shapes and values), or None when
+    none is: the identity of a model that names no weights file (a ``module:factory`` model, a probe object)."""
+    h = hashlib.sha256()
+    count = 0
+    for name, t in _reachable_tensors(model, "model", set(), depth):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        count += 1
+        if t.is_meta or t.layout != torch.strided or t.is_quantized:
+            continue  # no plain values to hash: its name, dtype and shape stand for it
+        data = t.detach().to("cpu").contiguous()
+        if data.dtype == torch.bfloat16:
+            data = data.view(torch.int16)
+        h.update(data.numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest() if count else None
 
 
 @dataclass
@@ -125,8 +182,12 @@ class VectorFieldProbe:
             )
         return t
 
-    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """s(x, t) = ∇ₓ log p_t(x), shape [B, *sample_shape], for x of that shape and t of shape [B] or 0-d."""
+    def output(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """The wrapped callable's own output at canonical time t (its native units), shape of x.
+
+        A model that ends the process from inside its forward pass (``sys.exit``) raises
+        :class:`ProbeContractError` instead, so the audit records it where it happened and goes on.
+        """
         if tuple(x.shape[1:]) != self.sample_shape:
             raise UsageError(
                 f"input has sample shape {tuple(x.shape[1:])}, the probe expects {self.sample_shape}",
@@ -134,15 +195,26 @@ class VectorFieldProbe:
             )
         t64 = self.times(t, x.shape[0])
         native = self.time_convention.from_canonical(t64).to(self.dtype)
-        with forward_context(self.precision, x.device):
-            out = self.fn(x, native)
+        try:
+            with forward_context(self.precision, x.device):
+                out = self.fn(x, native)
+        except SystemExit as err:
+            raise ProbeContractError(
+                f"the model called sys.exit({err.code!r}) in its forward pass",
+                "a model must return its output; remove the exit from its code",
+            ) from None
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ProbeContractError(
                 f"model output has shape {got}, expected {tuple(x.shape)}",
                 "the wrapped callable must return one vector per input sample",
             )
-        out = out.to(x.dtype)
+        return out.to(x.dtype)
+
+    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """s(x, t) = ∇ₓ log p_t(x), shape [B, *sample_shape], for x of that shape and t of shape [B] or 0-d."""
+        out = self.output(x, t)
+        t64 = self.times(t, x.shape[0])
         proc = self.process
         alpha = expand_like(proc.alpha(t64), out)
         sigma = expand_like(proc.sigma(t64), out)

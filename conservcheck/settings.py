@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from conservcheck.errors import UsageError
 
 
@@ -79,11 +77,18 @@ def choice(flag: str, choices: Sequence[str]) -> Callable[[Any], str]:
     return parse
 
 
-def optional_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
+def text(flag: str, expected: str = "a non-empty value") -> Callable[[Any], str | None]:
+    """A text value; an empty one is refused (``--data ""`` must not silently mean "no data")."""
+
+    def parse(value: Any) -> str | None:
+        if value is None:
+            return None
+        out = str(value).strip()
+        if not out:
+            raise fail(flag, expected, value)
+        return out
+
+    return parse
 
 
 def numbers(flag: str, whole: bool) -> Callable[[Any], tuple[float, ...] | None]:
@@ -118,15 +123,16 @@ def numbers(flag: str, whole: bool) -> Callable[[Any], tuple[float, ...] | None]
     return parse
 
 
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 def device_name(value: Any) -> str:
-    text = str(value).strip().lower()
-    if text == "auto":
-        return text
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        raise fail("--device", "auto, cpu, cuda or cuda:N", value) from None
-    return text
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``: the devices the audit runs on (``meta`` holds no values,
+    ``mps`` lacks float64 and the kernels the diagnostics need)."""
+    out = str(value).strip().lower()
+    if not _DEVICE.match(out):
+        raise fail("--device", "auto, cpu, cuda or cuda:N", value)
+    return out
 
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|m|h)?\s*$", re.I)

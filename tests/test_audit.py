@@ -13,6 +13,7 @@ import torch
 
 from conservcheck import DiscreteSchedule, FlowProcess, OUProcess, VectorFieldProbe, VEProcess, rng
 from conservcheck.analytic.fields import GaussianMixture, LinearField, as_probe
+from conservcheck.contract import TIME_IGNORED
 from conservcheck.errors import UsageError
 from conservcheck.runner.audit import AuditInterrupted, audit
 from conservcheck.runner.options import audit_options
@@ -283,8 +284,9 @@ def test_wrong_output_shape_does_not_stop_the_audit(tmp_path, x0_file):
     assert [u["status"] for u in rep.units] == ["error", "ok"]  # the control still runs
 
 
-def test_model_ignoring_time_is_invalid(tmp_path, x0_file):
-    probe = VectorFieldProbe(lambda x, t: -x, process=OUProcess(), sample_shape=(2,), dtype=torch.float64)
+def test_model_ignoring_time_is_a_warning(tmp_path, x0_file):
+    """A score that does not change with time and is not the stationary −x: measured, with a warning."""
+    probe = VectorFieldProbe(lambda x, t: -2 * x, process=OUProcess(), sample_shape=(2,), dtype=torch.float64)
     rep = _run(
         probe,
         tmp_path,
@@ -295,7 +297,8 @@ def test_model_ignoring_time_is_invalid(tmp_path, x0_file):
         n_points=8,
         data=x0_file(np.zeros((2, 2))),
     )
-    assert rep.verdict.status == "invalid" and "does not change with its time input" in rep.verdict.reason
+    assert rep.verdict.status == "pass" and rep.header["problems"] == []
+    assert rep.header["warnings"] == [TIME_IGNORED]
 
 
 def test_sampling_failure_is_an_invalid_report(tmp_path):
@@ -413,9 +416,12 @@ def test_arrays_layouts_keys_and_ranges(tmp_path, x0_file):
         load_data(str(tmp_path / "two.npz"), probe, 4, seed=0)
     flat, _ = load_data(str(tmp_path / "two.npz") + "#b", probe, 4, seed=0)
     assert torch.equal(flat, torch.ones(4, 1, 4, 4, dtype=torch.float64))
+    # Arrays of another image size are refused, never resized (images files are decoded at the model's size).
     torch.save({"x": torch.zeros(4, 1, 8, 8)}, tmp_path / "t.pt")
-    small, _ = load_data(str(tmp_path / "t.pt"), probe, 4, seed=0)
-    assert small.shape == (4, 1, 4, 4)
+    with pytest.raises(UsageError, match=r"holds samples of shape \(1, 8, 8\), the model expects \(1, 4, 4\)"):
+        load_data(str(tmp_path / "t.pt"), probe, 4, seed=0)
+    single, _ = load_data(x0_file(np.zeros((4, 4, 4)), "hw.npy"), probe, 4, seed=0)  # [N, H, W] for one channel
+    assert single.shape == (4, 1, 4, 4)
     with pytest.raises(UsageError, match="holds samples of shape"):
         load_data(x0_file(np.zeros((4, 5)), "odd.npy"), probe, 4, seed=0)
     with pytest.raises(UsageError, match="unknown data format .txt"):
@@ -485,13 +491,25 @@ def test_model_samples_are_cached_by_identity(tmp_path, caplog):
     # A key file that does not match (edited, or from another version) is never trusted.
     key_file = files[0].with_suffix(".json")
     key = json.loads(key_file.read_text())
-    key["n"] = 5
+    key["key"]["n"] = 5
     key_file.write_text(json.dumps(key, sort_keys=True))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="conservcheck"):
         x3, _ = model_samples(probe_a, 4, 0, steps=8, cache_dir=cache)
     assert not any("read from the cache" in r.message for r in caplog.records)
     assert torch.equal(x3, x1)
+    # Samples changed after they were written (a damaged disk, an edit) fail the recorded SHA-256: they are
+    # drawn again, with a warning, and the audit gets the model's true samples.
+    data = bytearray(files[0].read_bytes())
+    data[-8:] = np.float64(7.0).tobytes()
+    files[0].write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="conservcheck"):
+        x4, _ = model_samples(probe_a, 4, 0, steps=8, cache_dir=cache)
+    assert torch.equal(x4, x1)
+    damaged = "are damaged (its SHA-256 is not the one recorded): drawing them again"
+    assert any(damaged in r.message for r in caplog.records)
+    assert not any("read from the cache" in r.message for r in caplog.records)
     # A probe without a weights hash is never cached.
     model_samples(as_probe(mixture(), (3,)), 4, 0, steps=8, cache_dir=tmp_path / "other")
     assert not list((tmp_path / "other").rglob("*.npy"))

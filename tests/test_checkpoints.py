@@ -104,7 +104,10 @@ def _check_provenance(probe, repo_id, snap, adapter="diffusers"):
 def _check_report(data, repo_id, snap):
     model = data["model"]
     assert model["name"] == repo_id and model["reference"] == repo_id and model["revision"] == snap.name
-    assert data["verdict"]["status"] in ("pass", "violation")
+    # The smoke audit's four-node loops may not resolve the circulation: then every check is "unresolved"
+    # and the verdict says so (invalid); any other invalid verdict is a model or pipeline problem.
+    checks = data["verdict"]["checks"]
+    assert data["verdict"]["status"] in ("pass", "violation") or all(c["status"] == "unresolved" for c in checks)
     return model
 
 

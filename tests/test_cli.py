@@ -315,7 +315,7 @@ def report_file(files):
             "data not found: missing.npy",
         ),
         (["plot", "missing.json"], "no report file missing.json"),
-        (["plot", "."], "cannot read ."),
+        (["plot", "."], ". is a folder, not a report file"),
         (["audit", "--json", "no/such/folder/r.json"], "cannot write no/such/folder/r.json: folder"),
         (["audit", "--json", "-", "--csv", "-"], "would both write to stdout"),
         (["compare", "a.json"], "Missing argument"),

@@ -22,6 +22,7 @@ from conservcheck import conditioning
 from conservcheck.conditioning import ConditionalField, Conditioning, class_conditioning, text_conditioning
 from conservcheck.errors import UsageError
 from conservcheck.probe import VectorFieldProbe
+from conservcheck.report import SCHEMA_VERSION
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -153,7 +154,7 @@ def test_report_axis_json_gate_tables_and_plots(tmp_path):
     report.to_json(path)
     data = json.loads(path.read_text())
     jsonschema.validate(data, conservcheck.report_schema())
-    assert data["schema_version"] == "1.2"
+    assert data["schema_version"] == SCHEMA_VERSION
     assert data["model"]["conditioning"]["class_labels"] == [1]
     assert data["model"]["conditioning"]["guidance_scales"] == [1.0, 7.5]
     assert data["options"]["guidance_scale"] == [1.0, 7.5]

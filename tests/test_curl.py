@@ -67,6 +67,8 @@ def test_linear_field_block_is_2k_on_the_sampled_indices(strategy):
         "curl_mean_abs": two_k.abs().sum((1, 2)) / (n * (n - 1)),
         "sym_mean_abs": (two_s.abs() * off).sum((1, 2)) / (n * (n - 1)),
         "curl_rel_fro": two_k.flatten(1).norm(dim=1) / two_s.flatten(1).norm(dim=1),
+        "curl_fro2": two_k.flatten(1).pow(2).sum(1),
+        "sym_fro2": two_s.flatten(1).pow(2).sum(1),
     }
     for col in SUBJACOBIAN_COLUMNS:
         assert res.values[col].dtype == F64 and res.values[col].shape == (b,)

@@ -446,7 +446,7 @@ HINT = "pass a folder of images, an .npy/.npz/.pt array, or a .parquet/.csv/.jso
             "shape.npy",
             lambda p: np.save(p, np.zeros((4, 3))),
             "{p} holds samples of shape (3,), the model expects (2,) (save the samples as [N, "
-            "*sample_shape], [N, H, W, C] or [N, D])",
+            "*sample_shape], [N, H, W, C] or [N, D] (arrays are never resized))",
         ),
         (
             "range.npy",

@@ -1,12 +1,18 @@
-"""The ``conservcheck`` command: audit, fetch, merge, plot, compare, gate, transport and selftest.
+"""The ``conservcheck`` command: audit, fetch, merge, report, plot, compare, gate, transport and selftest.
 
 A thin layer over the API: ``conservcheck audit`` has one flag per option of
 :func:`conservcheck.runner.options.audit_options` (built from that table) and calls
 :func:`conservcheck.runner.audit.audit`. Tables and the verdict go to stdout (to stderr when ``--json -`` or
-``--csv -`` put data on stdout); logs and the progress bar go to stderr. Every user mistake prints one
-line ``error: …`` and exits with code 2; a ``--fail-if`` condition that holds exits with 1; Ctrl-C (or
-SIGTERM, as a batch scheduler sends at its time limit) exits with 130 after saying how to resume. typer
-and rich are imported here only.
+``--csv -`` put data on stdout); logs and the progress bar go to stderr. typer and rich are imported here
+only.
+
+One exit-code contract for every command (:mod:`conservcheck.errors`, docs/cli.md): 0 done, 1 a
+``--fail-if`` condition holds (or a self-test check misses), 2 a usage or input error — one line
+``error: …`` —, 3 an internal error — one line, the traceback in a log file it names (printed with
+``conservcheck --debug``) —, 130 interrupted (Ctrl-C or SIGTERM, with how to resume an audit). A closed
+stdout (``… | head``) stops the output and nothing else: files are written, gates applied, and the exit
+code is the command's own. Before any work, every output path is checked to be writable and distinct from
+every input and from the other outputs.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -27,7 +36,17 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from conservcheck.cli import display
-from conservcheck.errors import ConservcheckError, UsageError
+from conservcheck.errors import (
+    EXIT_GATE,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConservcheckError,
+    UsageError,
+    reason,
+)
+from conservcheck.files import check_distinct, check_writable
 from conservcheck.runner.options import audit_options
 from conservcheck.version import __version__
 
@@ -50,8 +69,43 @@ def _click_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
+def _debug() -> bool:
+    return _DEBUG["on"] or os.environ.get("CONSERVCHECK_DEBUG", "") not in ("", "0")
+
+
+_DEBUG = {"on": False}
+
+
+def _internal(err: BaseException) -> None:
+    """An internal error: one line naming it and where its traceback is (printed too with --debug)."""
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    where = ""
+    try:
+        fd, log_path = tempfile.mkstemp(prefix="conservcheck-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"conservcheck {__version__}\nargv: {sys.argv}\n\n{text}")
+        where = f"the traceback is in {log_path}; "
+    except OSError:
+        pass
+    if _debug():
+        typer.echo(text, err=True, nl=False)
+    what = reason(err) if not isinstance(err, SystemExit) else f"sys.exit({err.code!r}) was called inside conservcheck"
+    _error(
+        f"internal error: {what} (a bug in conservcheck: {where}run with conservcheck --debug to print it, "
+        "and please report it)"
+    )
+
+
 class _Group(TyperGroup):
-    """Turns every usage mistake into one ``error: …`` line with exit code 2 (never a traceback)."""
+    """Maps every outcome to the exit-code contract (module doc): one ``error: …`` line, never a traceback
+    unless ``--debug``."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _error("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     def main(
         self,
@@ -62,29 +116,42 @@ class _Group(TyperGroup):
         **extra: Any,
     ) -> Any:
         try:
-            rv = super().main(
-                args=args,
-                prog_name=prog_name or "conservcheck",
-                complete_var=complete_var,
-                standalone_mode=False,
-                **extra,
-            )
+            with _terminate_as_interrupt():
+                rv = super().main(
+                    args=args,
+                    prog_name=prog_name or "conservcheck",
+                    complete_var=complete_var,
+                    standalone_mode=False,
+                    **extra,
+                )
         except _click_errors() as err:
             if type(err).__name__ == "NoArgsIsHelpError" and getattr(err, "ctx", None) is not None:
                 typer.echo(err.ctx.get_help(), err=True)  # type: ignore[attr-defined]
             else:
                 _error(err.format_message())  # type: ignore[attr-defined]
-            sys.exit(getattr(err, "exit_code", 2))
+            sys.exit(getattr(err, "exit_code", EXIT_USAGE))
         except typer.Abort:
             _error("aborted")
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            _error("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
         except ConservcheckError as err:
             _error(str(err))
             sys.exit(err.exit_code)
+        except MemoryError:
+            _error("out of memory (lower --samples, --points, --block or --batch-size, or set --memory-budget)")
+            sys.exit(EXIT_USAGE)
+        except BrokenPipeError as err:  # a pipe other than stdout: not the user's doing
+            _internal(err)
+            sys.exit(EXIT_INTERNAL)
         except OSError as err:  # a file that cannot be read or written: the user's environment, not a bug
             _error(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
-            sys.exit(2)
-        sys.exit(rv if isinstance(rv, int) else 0)
+            sys.exit(EXIT_USAGE)
+        except (Exception, SystemExit) as err:  # noqa: BLE001 — the contract's exit 3, with the traceback kept
+            _internal(err)
+            sys.exit(EXIT_INTERNAL)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 app = typer.Typer(
@@ -106,8 +173,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Print the traceback of an internal error (exit code 3) on stderr."
+    ),
 ) -> None:
     """conservcheck: is a diffusion model's vector field a score (a conservative field)?"""
+    _DEBUG["on"] = debug
 
 
 # ------------------------------------------------------------------------------------------- plumbing
@@ -160,16 +231,26 @@ def _progress(err: Console, enabled: bool) -> Iterator[Any]:
         yield update
 
 
-def _writable(*paths: str | None) -> None:
-    """Refuse output paths that cannot be written before any work is spent."""
-    for p in paths:
-        if not p or p == "-":
-            continue
-        folder = os.path.dirname(os.path.abspath(p))
-        if not os.path.isdir(folder):
-            raise UsageError(f"cannot write {p}: folder {folder} does not exist", "create it or choose another path")
-        if not os.access(folder, os.W_OK) or os.path.isdir(p):
-            raise UsageError(f"cannot write {p}", "choose a writable file path")
+def _outputs(inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+    """Refuse, before any work is spent, an output that cannot be written or that names an input or
+    another output (an overwritten input is lost; two outputs on one file leave only the last)."""
+    for flag, path in outputs.items():
+        if path not in (None, "", "-") and not flag.endswith("rows file"):
+            check_writable(path, flag)
+    check_distinct(inputs, outputs)
+
+
+def _local(path: str | None) -> str | None:
+    """A local file named by an input reference (``file.npz#key`` → ``file.npz``), or None."""
+    if not path or "://" in path:
+        return None
+    base, sep, key = path.rpartition("#")
+    return base if sep and key and "/" not in key else path
+
+
+def _rows_file(json_path: str | None) -> str | None:
+    """The rows side file a large report writes beside its JSON (``r.json`` → ``r.rows.csv``)."""
+    return str(Path(json_path).with_suffix(".rows.csv")) if json_path not in (None, "-") else None
 
 
 def _gates(texts: list[str]) -> list[Any]:
@@ -196,7 +277,7 @@ def _apply_gates(
             display.line(console, f"  {d}")
     if junit:
         write_junit(junit, results, report)
-    return (1 if any(r.holds for r in results) else 0), results
+    return (EXIT_GATE if any(r.holds for r in results) else EXIT_OK), results
 
 
 FORMATS = ("text", "github")
@@ -272,13 +353,25 @@ def _publish(
 
 
 def _check_outputs(
-    json_path: str | None, csv_path: str | None, junit: str | None, exprs: list[Any], html_path: str | None = None
+    json_path: str | None,
+    csv_path: str | None,
+    junit: str | None,
+    exprs: list[Any],
+    inputs: dict[str, Any],
+    html_path: str | None = None,
 ) -> None:
     if json_path == "-" and csv_path == "-":
         raise UsageError("--json - and --csv - would both write to stdout", "write one of them to a file")
     if junit and not exprs:
         raise UsageError("--junit needs at least one --fail-if condition", "add --fail-if 'verdict != pass'")
-    _writable(json_path, csv_path, junit, html_path)
+    outputs = {
+        "--json": json_path,
+        "--csv": csv_path,
+        "--junit": junit,
+        "--json rows file": _rows_file(json_path),
+        "--html": html_path,
+    }
+    _outputs(inputs, outputs)
 
 
 def _needs_baseline(exprs: list[Any], baseline_path: str | None) -> None:
@@ -302,16 +395,30 @@ def _finish_report(
     allow_seed_change: bool = False,
     fmt: str = "text",
 ) -> None:
-    """Write the report files (each atomically), print tables and verdict, apply the gates, exit."""
+    """Write the report files (each atomically), print tables and verdict, apply the gates, exit; only then
+    is the audit's default partial-results file removed (a failed write keeps it and names it)."""
+    from conservcheck.runner.audit import discard_partial_results
+
     console = display.out_console(json_path == "-" or csv_path == "-")
-    if json_path:
-        report.to_json(json_path)
-    if csv_path:
-        report.to_csv(csv_path)
+    try:
+        if json_path:
+            report.to_json(json_path)
+        if csv_path:
+            report.to_csv(csv_path)
+    except OSError as err:
+        kept = getattr(report, "default_partial_results", None) or report.run.get("partial_results")
+        where = f"; the finished units are kept in {kept}" if kept else ""
+        raise UsageError(
+            f"cannot write {err.filename or json_path}: {err.strerror or err}{where}",
+            f"free space or choose another path, then run again with --resume {kept}"
+            if kept
+            else "free space or choose another path",
+        ) from None
     display.show(report, console)
     baseline = _read_baseline(baseline_path, report, allow_seed_change, fmt)
-    code, results = _apply_gates(exprs, report, junit, console, baseline, allow_seed_change) if exprs else (0, [])
+    code, results = _apply_gates(exprs, report, junit, console, baseline, allow_seed_change) if exprs else (EXIT_OK, [])
     _publish(report, results, console, fmt, baseline, baseline_path, html_path)
+    discard_partial_results(report)
     raise typer.Exit(code)
 
 
@@ -350,22 +457,31 @@ def _run_audit(
     from conservcheck.runner.audit import AuditInterrupted, audit
 
     exprs = _gates(fail_if or [])
-    _check_outputs(json_path, csv_path, junit, exprs, html_path)
+    stein = options.get("stein") or ""
+    inputs = {
+        "MODEL": model if os.path.exists(model) else None,
+        "--data": _local(options.get("data")),
+        "--resume": options.get("resume"),
+        "--stein": stein.partition(":")[2] if ":" in stein else None,
+    }
+    if baseline_path is not None:
+        inputs["--baseline"] = baseline_path
+    _check_outputs(json_path, csv_path, junit, exprs, inputs, html_path)
     _needs_baseline(exprs, baseline_path)
     fmt = _check_format(fmt)
     if baseline_path is not None:
         _read(baseline_path)  # a missing or unreadable baseline is refused before the audit runs
     given = {k: v for k, v in options.items() if v is not None and v is not False and v != []}
-    with _logging(quiet) as err, _terminate_as_interrupt():
+    with _logging(quiet) as err:
         try:
             with _progress(err, not quiet) as progress:
-                report = audit(model, progress=progress, **given)
+                report = audit(model, progress=progress, keep_partial_results=True, **given)
         except AuditInterrupted as stop:
             _error(f"interrupted; {stop.n_done} finished units are saved — resume with {stop.resume_flags}")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except KeyboardInterrupt:
             _error("interrupted before any unit finished (nothing to resume; run the command again)")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     _finish_report(report, json_path, csv_path, junit, exprs, html_path, baseline_path, allow_seed_change, fmt)
 
 
@@ -486,7 +602,8 @@ def _audit_command(**kwargs: Any) -> None:
     """Audit a model: loop integrals, curl and Stein diagnostics at several time points.
 
     Prints one table per diagnostic (rows: time points; columns: statistics) and a one-line verdict.
-    Exit codes: 0 done, 1 a --fail-if condition holds, 2 usage error, 130 interrupted (Ctrl-C, SIGTERM).
+    Exit codes: 0 done, 1 a --fail-if condition holds, 2 usage or input error, 3 internal error, 130
+    interrupted (Ctrl-C, SIGTERM).
     """
     _run_audit(**kwargs)
 
@@ -555,7 +672,10 @@ def merge_cmd(
     from conservcheck.runner.merge import merge
 
     exprs = _gates(fail_if or [])
-    _check_outputs(json_path, csv_path, junit, exprs, html_path)
+    inputs = {f"FILE {i + 1}": j for i, j in enumerate(journals)}
+    if baseline_path is not None:
+        inputs["--baseline"] = baseline_path
+    _check_outputs(json_path, csv_path, junit, exprs, inputs, html_path)
     _needs_baseline(exprs, baseline_path)
     fmt = _check_format(fmt)
     with _logging(quiet):
@@ -583,7 +703,10 @@ def plot(
 
     if fmt not in ("png", "svg"):
         raise UsageError(f"--format: expected png or svg, got {fmt!r}", "use --format png or --format svg")
-    for path in plot_report(_read(report), out, fmt):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a folder", "give --out a folder for the figures")
+    rep = _read(report)
+    for path in plot_report(rep, out, fmt):
         typer.echo(str(path))
 
 
@@ -640,7 +763,8 @@ def gate_cmd(
     exprs = _gates(fail_if)
     _needs_baseline(exprs, baseline_path)
     fmt = _check_format(fmt)
-    _writable(junit, html_path)
+    inputs = {"REPORT": report, "REPORT rows file": _rows_file(report), "--baseline": baseline_path}
+    _outputs(inputs, {"--junit": junit, "--html": html_path})
     rep = _read(report)
     baseline = _read_baseline(baseline_path, rep, allow_seed_change, fmt)
     console = display.out_console(False)
@@ -661,7 +785,9 @@ def report_cmd(
     """Show a saved report: its tables and verdict, with --html as one self-contained page, with --baseline
     beside a baseline report (ratios of medians per time point with bootstrap intervals)."""
     fmt = _check_format(fmt)
-    _writable(html_path)
+    _outputs(
+        {"REPORT": report, "REPORT rows file": _rows_file(report), "--baseline": baseline_path}, {"--html": html_path}
+    )
     rep = _read(report)
     baseline = _read_baseline(baseline_path, rep, allow_seed_change, fmt)
     console = display.out_console(False)
@@ -693,7 +819,12 @@ def transport_cmd(
     from conservcheck.files import write_atomic
     from conservcheck.runner.audit import load_model
     from conservcheck.runner.options import resolve_options
+    from conservcheck.runner.size_guard import check_memory
 
+    _outputs(
+        {"MODEL": model if os.path.exists(model) else None, "--reference": _local(reference.partition(":")[2])},
+        {"--json": json_path},
+    )
     opts = resolve_options(
         {
             "device": device,
@@ -704,6 +835,13 @@ def transport_cmd(
         }
     )
     probe = load_model(model, opts, {"device", "precision", "revision", "trust_remote_code"})
+    # Trajectories of both fields and their float64 copies: a few arrays of samples × D at once.
+    check_memory(
+        32 * samples * probe.dim,
+        f"transport check would hold about {32 * samples * probe.dim / 2**30:.3g} GB ({samples} samples × "
+        f"{probe.dim} components)",
+        "lower --samples",
+    )
     ref = resolve_reference(reference, probe)
     kw = {k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None}
     result = transport_check(probe, ref, n_samples=samples, seed=seed, n_steps=steps, **kw)
@@ -745,12 +883,53 @@ def selftest_cmd(
     console.print(table)
     failed = sum(not c.ok for c in checks)
     display.line(console, f"selftest: {len(checks) - failed} of {len(checks)} checks passed")
-    raise typer.Exit(1 if failed else 0)
+    raise typer.Exit(EXIT_GATE if failed else EXIT_OK)
+
+
+class _ClosedPipeSafe:
+    """A standard stream that a reader closing its end (``… | head``) cannot break: on the first broken
+    pipe the stream's file descriptor is pointed at the null device, and the command goes on (files
+    written, gates applied, its own exit code) with nothing more shown."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _silence(self) -> None:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``conservcheck`` command."""
-    typer.main.get_command(app).main(args=argv, prog_name="conservcheck")
+    streams = {name: getattr(sys, name) for name in ("stdout", "stderr")}
+    for name, stream in streams.items():
+        if stream is not None and not isinstance(stream, _ClosedPipeSafe):
+            setattr(sys, name, _ClosedPipeSafe(stream))
+    try:
+        typer.main.get_command(app).main(args=argv, prog_name="conservcheck")
+    finally:
+        for name, stream in streams.items():
+            setattr(sys, name, stream)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Rows are time points — for a conditional model, each time point at each guidan
 column — and columns the statistics of the variant's main metric (its table metrics come from the
 diagnostic registry, :meth:`conservcheck.diagnostics.Diagnostic.table_metrics`). Below 140 columns of
 terminal the mean and its confidence interval are left out, below 100 also the second metric; the JSON
-and CSV reports always hold everything.
+and CSV reports always hold everything. A metric pooled over samples (the curl's ratios) shows its
+per-sample median and its pooled value side by side; a table whose values came from a Jacobian names the
+method in its title (the floor is measured on the control with the same method); a check whose floor is
+its own discretisation error reads ``not resolved at this node count``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from conservcheck import diagnostics
+
+#: How the console names a check's status.
+CHECK_TEXT = {"unresolved": "not resolved at this node count"}
+#: How the console names a Jacobian method.
+METHOD_TEXT = {"jvp": "forward-mode autodiff", "double_vjp": "reverse-mode autodiff", "fd": "finite differences"}
 
 
 def out_console(data_on_stdout: bool) -> Console:
@@ -48,14 +56,17 @@ def tables(report: Any, width: int) -> list[Table]:
             continue
         extra = extra if width >= 100 else None
         graded = spec is not None and spec.headline_metric(variant) == main
+        pooled = spec is not None and main in spec.pooled
         columns: list[tuple[str, Any]] = [("time", lambda r, c: report.time_label(r["time_key"]))]
         if guided:
             columns.append(("w", lambda r, c: fmt(_w(r["guidance"]))))
         columns += [
             ("σ", lambda r, c: fmt(float(r["sigma"]))),
-            ("median", lambda r, c: fmt(r["median"])),
-            ("q25 – q75", lambda r, c: f"{fmt(r['q25'])} – {fmt(r['q75'])}"),
+            ("per-sample median" if pooled else "median", lambda r, c: fmt(r["median"])),
         ]
+        if pooled:
+            columns.append(("pooled", lambda r, c: fmt(r.get("pooled"))))
+        columns.append(("q25 – q75", lambda r, c: f"{fmt(r['q25'])} – {fmt(r['q75'])}"))
         if width >= 140:
             columns += [
                 ("mean", lambda r, c: fmt(r["mean"])),
@@ -73,9 +84,13 @@ def tables(report: Any, width: int) -> list[Table]:
         if graded:
             columns += [
                 ("floor", lambda r, c: fmt(c.get("floor"))),
-                ("check", lambda r, c: c.get("status", r["status"])),
+                ("check", lambda r, c: CHECK_TEXT.get(c.get("status", ""), c.get("status", r["status"]))),
             ]
+        methods = sorted({c["method"] for k, c in checks.items() if k[:2] == (diag, variant) and c.get("method")})
         title = f"{diag} · {variant} — {main}"
+        if methods:
+            names = ", ".join(METHOD_TEXT.get(m, m) for m in methods)
+            title += f" (Jacobian by {names}; floor measured on the control by the same method)"
         table = Table(title=title, title_justify="left", min_width=len(title), box=box.SIMPLE_HEAD)
         for name, _ in columns:
             table.add_column(name, justify="left" if name == "check" else "right", no_wrap=True)
@@ -107,7 +122,9 @@ def describe(report: Any) -> list[str]:
             f"{src.get('steps')} steps)"
         )
     elif src.get("path"):
-        lines.append(f"x0: {src.get('n')} samples from {src['path']} ({src.get('mapping')})")
+        span = src.get("value_range")
+        values = f"; values in [{span[0]:.4g}, {span[1]:.4g}]" if isinstance(span, list) and len(span) == 2 else ""
+        lines.append(f"x0: {src.get('n')} samples from {src['path']} ({src.get('mapping')}{values})")
     if opts.get("cpu_scaled"):
         lines.append(
             f"CPU-scaled defaults: {opts['n_samples']} samples per time point, {opts['n_points']} nodes per loop "
@@ -171,4 +188,6 @@ def show(report: Any, console: Console) -> None:
         console.print(table)
     for p in report.header.get("problems", []):
         line(console, f"problem: {p}")
+    for w in report.header.get("warnings", []):
+        line(console, f"warning: {w}")
     line(console, f"verdict: {report.verdict}")

@@ -17,12 +17,19 @@ Columns (float64 [B]; J in score units per data unit, i.e. 1/data²):
 ``curl_mean_abs``       mean over i ≠ j in S of |C_ij| (the paper's Fig. 2c/3c quantity)
 ``sym_mean_abs``        the same for J_SS + J_SSᵀ (the symmetric part's scale, for comparison)
 ``curl_rel_fro``        ‖C‖_F / ‖J_SS + J_SSᵀ‖_F (dimensionless; 0 for a score)
+``curl_fro2``           ‖C‖²_F and ``sym_fro2`` ‖J_SS + J_SSᵀ‖²_F (1/data⁴), for the pooled ratio
 ``asym_fro2``           ‖J − Jᵀ‖²_F (twice QCSBM's Asym = ½‖J − Jᵀ‖²_F), 1/data⁴
 ``asym_fro2_se``        its standard error over probes
 ``jac_fro2``            ‖J‖²_F, 1/data⁴, and ``jac_fro2_se``
 ``rel_asym``            ‖J − Jᵀ‖_F / (2‖J‖_F) (dimensionless; its square is QCSBM's NAsym)
 ``rel_asym_se``         jackknife standard error; ``rel_asym_ci_low`` / ``_high``: its 95% interval
 ======================  ==========================================================================
+
+A ratio whose numerator and denominator both vanish (a field whose Jacobian is zero) is 0, not NaN.
+
+Pooled ratios: the per-sample ``curl_rel_fro`` and ``rel_asym`` are summarised by their median over samples
+(the verdict's headline), and also *pooled* over samples, √(Σ‖C‖²/Σ‖J_SS + J_SSᵀ‖²) and
+½√(Σ‖J − Jᵀ‖²/Σ‖J‖²) — the form other work reports (:attr:`Diagnostic.pooled`).
 
 Random draws: the index set of sample b comes from the stream (seed, "curl_block", time.key, b), its
 probes from (seed, "curl_probe", time.key, b, p) — independent of the batch size.
@@ -39,7 +46,7 @@ from torch import Tensor
 from conservcheck import rng, settings
 from conservcheck.batching import Batcher
 from conservcheck.diagnostics import Diagnostic, Figure, Variant
-from conservcheck.diagnostics.result import DiagnosticResult
+from conservcheck.diagnostics.result import DiagnosticResult, ratio
 from conservcheck.errors import UsageError
 from conservcheck.geometry.jacobian import (
     PRODUCT_COST,
@@ -60,7 +67,7 @@ Z95 = 1.959963984540054
 BLOCK_STREAM = "curl_block"
 PROBE_STREAM = "curl_probe"
 CONVENTION = "J_ij = ds_i/dx_j; C = J_SS - J_SS^T, C_ij = d_j s_i - d_i s_j"
-SUBJACOBIAN_COLUMNS = ("curl_mean_abs", "sym_mean_abs", "curl_rel_fro")
+SUBJACOBIAN_COLUMNS = ("curl_mean_abs", "sym_mean_abs", "curl_rel_fro", "curl_fro2", "sym_fro2")
 HUTCHINSON_COLUMNS = (
     "asym_fro2",
     "asym_fro2_se",
@@ -139,16 +146,19 @@ def subjacobian(
 
 
 def block_values(j_ss: Tensor) -> dict[str, Tensor]:
-    """``curl_mean_abs``, ``sym_mean_abs`` and ``curl_rel_fro`` of blocks J_SS [B, n, n] (module doc)."""
+    """The :data:`SUBJACOBIAN_COLUMNS` of blocks J_SS [B, n, n] (module doc)."""
     n = j_ss.shape[-1]
     curl = j_ss - j_ss.transpose(1, 2)
     sym = j_ss + j_ss.transpose(1, 2)
     off = ~torch.eye(n, dtype=torch.bool, device=j_ss.device)
     pairs = n * (n - 1)
+    curl_fro, sym_fro = curl.flatten(1).norm(dim=1), sym.flatten(1).norm(dim=1)
     return {
         "curl_mean_abs": (curl.abs() * off).sum((1, 2)) / pairs,
         "sym_mean_abs": (sym.abs() * off).sum((1, 2)) / pairs,
-        "curl_rel_fro": curl.flatten(1).norm(dim=1) / sym.flatten(1).norm(dim=1),
+        "curl_rel_fro": ratio(curl_fro, sym_fro),
+        "curl_fro2": curl_fro**2,
+        "sym_fro2": sym_fro**2,
     }
 
 
@@ -233,8 +243,8 @@ def jackknife_summary(q: Tensor, r: Tensor, q_loo: Tensor, r_loo: Tensor) -> dic
     def se(loo: Tensor) -> Tensor:
         return ((p - 1) / p * (loo - loo.mean(1, keepdim=True)).pow(2).sum(1)).sqrt()
 
-    rho = q / r
-    se_rho = se(q_loo / r_loo)
+    rho = ratio(q, r)
+    se_rho = se(ratio(q_loo, r_loo))
     rel = 0.5 * rho.sqrt()
     positive = rel > 0
     rel_se = torch.where(positive, se_rho / (8 * torch.where(positive, rel, 1)), torch.zeros_like(rel))
@@ -432,6 +442,9 @@ DIAGNOSTIC = Diagnostic(
     selected=lambda opts: opts["curl"] != "none",
     headline={"subjacobian": "curl_rel_fro", "hutchinson": "rel_asym"},
     table={"subjacobian": ("curl_rel_fro", "curl_mean_abs"), "hutchinson": ("rel_asym", "asym_fro2")},
+    pooled={"curl_rel_fro": ("curl_fro2", "sym_fro2", 1.0), "rel_asym": ("asym_fro2", "jac_fro2", 0.5)},
+    coupled_control=True,
+    control_follows=("strategy",),
     figures=(
         Figure("curl_mean_abs", "mean |∂ᵢsⱼ − ∂ⱼsᵢ|  (64×64 block)"),
         Figure("curl_rel_fro", "‖B − Bᵀ‖_F relative"),

@@ -47,7 +47,7 @@ from torch import Tensor
 from conservcheck import precision, settings
 from conservcheck.batching import Batcher, evaluate
 from conservcheck.diagnostics import ANY, Diagnostic, Figure, Variant
-from conservcheck.diagnostics.result import DiagnosticResult
+from conservcheck.diagnostics.result import DiagnosticResult, ratio
 from conservcheck.errors import UsageError
 from conservcheck.geometry import loops
 from conservcheck.geometry.loops import LoopBatch, loop_sums
@@ -210,9 +210,9 @@ def _record(
     out["circulation"][rows] = circ
     out["abs_circulation"][rows] = circ.abs()
     out["length"][rows] = s["length"]
-    out["circulation_per_length"][rows] = circ / s["length"]
-    out["eq7"][rows] = 2 * circ / s["abs_y_length"]
-    out["circulation_ratio"][rows] = circ / s["abs_score_length"]
+    out["circulation_per_length"][rows] = ratio(circ, s["length"])
+    out["eq7"][rows] = ratio(2 * circ, s["abs_y_length"])
+    out["circulation_ratio"][rows] = ratio(circ, s["abs_score_length"])
     out["quad_error"][rows] = err[done].cpu()
     out["abs_score_length"][rows] = s["abs_score_length"]
     out["abs_y_length"][rows] = s["abs_y_length"]
@@ -246,13 +246,16 @@ def loop_chunk_elements(memory_budget: int, dtype: torch.dtype) -> int:
 def _parse_paths(value: Any) -> tuple[str, ...]:
     names = loops.registered()
     choices = [str(v).strip().lower() for v in settings.items(value)]
+    expected = "a comma-separated subset of " + ", ".join(names) + " (or all, none)"
+    if not choices and isinstance(value, str):  # an empty --paths is a mistake, not a silent "none"
+        raise settings.fail("--paths", expected, value, "write --paths none to audit no loop")
     if choices in (["none"], []):
         return ()
     if choices == ["all"]:
         return tuple(names)
     bad = [v for v in choices if v not in names]
     if bad:
-        raise settings.fail("--paths", "a comma-separated subset of " + ", ".join(names) + " (or all, none)", bad[0])
+        raise settings.fail("--paths", expected, bad[0])
     return tuple(dict.fromkeys(choices))
 
 

@@ -230,7 +230,7 @@ DIAGNOSTIC = Diagnostic(
             None,
             "--stein",
             "Reference score for the Stein diagnostic (Eq. 20–21); off when unset.",
-            settings.optional_text,
+            settings.text("--stein", "a reference (funnel, gaussian, mixture:FILE, data:FILE)"),
             "REF",
             schema={"type": ["string", "null"]},
         ),

@@ -15,9 +15,9 @@ Grammar (keywords are case-insensitive; ``and`` binds tighter than ``or``)::
     when       := "any" "time" | "all" "times" | "k" "=" INTEGER | "t" "=" NUMBER | "sigma" "=" NUMBER
     guidance   := "w" "=" NUMBER
 
-STATISTIC is one of the summary's ``n, median, q25, q75, mean, ci_low, ci_high``; the scope defaults to
-``at any time`` (and, for a conditional model, any guidance scale w; ``w=…`` narrows the condition to
-one). Examples::
+STATISTIC is one of the summary's ``n, median, q25, q75, mean, ci_low, ci_high, pooled`` (``pooled``
+only for the metrics pooled over samples: the curl's ratios); the scope defaults to ``at any time`` (and,
+for a conditional model, any guidance scale w; ``w=…`` narrows the condition to one). Examples::
 
     loop.rotation.abs_circulation_ratio.median > 0.05
     curl.hutchinson.rel_asym.mean > 0.2 at any time
@@ -31,6 +31,9 @@ one). Examples::
 median(report) / median(baseline) exceeds 1 + P/100 with 95% confidence (a seeded bootstrap; Bonferroni
 over the time points of ``at any time``), so sampling noise does not make it hold and a real regression
 does. A time point where the report has no values makes it hold (fail closed).
+
+A time given as ``t=…`` or ``sigma=…`` names the time point it equals, or that rounds to it as the tables
+print it (3 to 6 significant digits); a value that names two time points is refused.
 
 A condition on a (diagnostic, variant, time point) whose statistics are empty because the unit did not
 finish cleanly (NaN/Inf output, an error) *holds*: a gate fails closed. A metric the report does not
@@ -49,6 +52,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from conservcheck import diagnostics
 from conservcheck.errors import UsageError
 from conservcheck.files import write_atomic
 from conservcheck.report import baseline as baselines
@@ -273,6 +277,11 @@ def parse(text: str) -> Expression:
 
 
 def _select(cond: Condition, summary: pd.DataFrame, label: Callable[[str], str]) -> pd.DataFrame:
+    if cond.statistic == "pooled" and diagnostics.pooled_metric(cond.diagnostic, cond.column) is None:
+        raise UsageError(
+            f"--fail-if: {cond.diagnostic}.{cond.variant}.{cond.column} has no pooled value",
+            "pooled values exist for curl.subjacobian.curl_rel_fro and curl.hutchinson.rel_asym",
+        )
     s = summary[(summary["diagnostic"] == cond.diagnostic) & (summary["metric"] == cond.column)]
     if cond.variant != "*":
         s = s[s["variant"] == cond.variant]
@@ -285,11 +294,17 @@ def _select(cond: Condition, summary: pd.DataFrame, label: Callable[[str], str])
         if axis == "k":
             s = s[s["time_index"] == int(v)]
         else:
-            s = s[[math.isclose(x, v, rel_tol=1e-6) for x in s["t" if axis == "t" else "sigma"]]]
+            s = s[[same_time(x, v) for x in s["t" if axis == "t" else "sigma"]]]
         if s.empty:
             points = sorted({label(k) for k in summary["time_key"]})
             raise UsageError(
                 f"--fail-if: the report has no time point {axis}={v:g}", "time points: " + ", ".join(points)
+            )
+        if s["time_key"].nunique() > 1:
+            points = sorted({label(k) for k in s["time_key"]})
+            raise UsageError(
+                f"--fail-if: {axis}={v:g} matches {len(points)} time points ({', '.join(points)})",
+                "give the time with more digits",
             )
     if cond.w is not None:
         scales = sorted({float(w) for w in summary["guidance"].dropna()})
@@ -298,6 +313,12 @@ def _select(cond: Condition, summary: pd.DataFrame, label: Callable[[str], str])
             found = ", ".join(f"{w:g}" for w in scales) if scales else "none (an unconditional model)"
             raise UsageError(f"--fail-if: the report has no guidance scale w={cond.w:g}", f"guidance scales: {found}")
     return s
+
+
+def same_time(x: float, v: float) -> bool:
+    """Whether a time typed as ``v`` names the time ``x``: equal to 1e-6, or ``x`` rounded to 3–6
+    significant digits (``t=0.02041`` as the tables print it names t = 0.020408…)."""
+    return math.isclose(x, v, rel_tol=1e-6) or any(float(f"{x:.{k}g}") == v for k in range(3, 7))
 
 
 def _series(cond: Regression, report: AuditReport) -> list[tuple[str, str]]:
@@ -322,7 +343,7 @@ def _at(comparisons: list[baselines.Comparison], at: tuple[str, float], report: 
     if axis == "k":
         out = [c for c in comparisons if c.time_index is not None and c.time_index == int(v)]
     else:
-        out = [c for c in comparisons if math.isclose(c.t if axis == "t" else c.sigma, v, rel_tol=1e-6)]
+        out = [c for c in comparisons if same_time(c.t if axis == "t" else c.sigma, v)]
     if not out:
         points = ", ".join(report.time_label(t["key"]) for t in report.header["time_points"])
         raise UsageError(f"--fail-if: the report has no time point {axis}={v:g}", "time points: " + points)

@@ -17,7 +17,7 @@ from typing import Any
 
 from conservcheck.settings import Option
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 
 
 @lru_cache(maxsize=1)

@@ -5,7 +5,9 @@
 scale w; only in the report of a conditional model) and one column per value. :func:`summarize` gives,
 per (field, diagnostic, variant, time point, guidance scale, metric), the median, the quartiles, the mean
 and a seeded bootstrap 95% confidence interval of the mean (``guidance`` empty for an unconditional
-model and for the control, which does not depend on w).
+model and for the control, which does not depend on w), and for a ratio metric its diagnostic pools over
+samples (:attr:`conservcheck.diagnostics.Diagnostic.pooled`, the curl's ‖J − Jᵀ‖ / (2‖J‖)) the *pooled*
+value factor · √(Σ numerator / Σ denominator) beside its per-sample median.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from conservcheck import rng
+from conservcheck import diagnostics, rng
 
 ID_COLUMNS = ("field", "diagnostic", "variant", "time_key", "time_index", "t", "sigma", "sample")
-STAT_COLUMNS = ("n", "median", "q25", "q75", "mean", "ci_low", "ci_high")
+STAT_COLUMNS = ("n", "median", "q25", "q75", "mean", "ci_low", "ci_high", "pooled")
 SUMMARY_COLUMNS = (
     "field",
     "diagnostic",
@@ -97,6 +99,16 @@ def _stats(values: np.ndarray, draws: np.ndarray) -> dict[str, float]:
     }
 
 
+def _pooled(unit: dict[str, Any], metric: str) -> float | None:
+    """factor · √(Σ numerator / Σ denominator) over the unit's samples for a pooled metric, else None."""
+    spec = diagnostics.pooled_metric(unit["diagnostic"], metric)
+    if spec is None or spec[0] not in unit["values"] or spec[1] not in unit["values"]:
+        return None
+    num = float(np.sum(np.asarray(unit["values"][spec[0]], dtype=np.float64)))
+    den = float(np.sum(np.asarray(unit["values"][spec[1]], dtype=np.float64)))
+    return 0.0 if num == 0 and den == 0 else spec[2] * float(np.sqrt(num / den))
+
+
 def summarize(units: list[dict[str, Any]], seed: int) -> pd.DataFrame:
     """Per (field, diagnostic, variant, time point, guidance scale, metric) statistics of the unit records.
 
@@ -104,6 +116,7 @@ def summarize(units: list[dict[str, Any]], seed: int) -> pd.DataFrame:
     variant, time key) — the same resamples of the same samples at every guidance scale — so summaries are
     reproducible. Units that did not finish cleanly (status
     ``nonfinite``, ``error``, ``skipped``) get rows with empty statistics: no number is computed from NaNs.
+    ``pooled`` is empty for metrics without a pooled form.
     """
     known: dict[tuple[str, str], list[str]] = {}
     for u in units:
@@ -133,7 +146,7 @@ def summarize(units: list[dict[str, Any]], seed: int) -> pd.DataFrame:
         draws = gen.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
         for m in metrics:
             vals = np.asarray(u["values"][m], dtype=np.float64)
-            out.append({**ids, "metric": m, "status": "ok", **_stats(vals, draws)})
+            out.append({**ids, "metric": m, "status": "ok", **_stats(vals, draws), "pooled": _pooled(u, m)})
     frame = pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
     for col in ("time_index", "n"):
         frame[col] = frame[col].astype("Int64")

@@ -6,19 +6,32 @@ model's median is compared with the numerical floor
 
     floor = max(control median, the diagnostic's own floor, precision floor)
 
-where the control median is the same metric on the conservative control field (which does not depend on
-w: one control unit is the floor of the checks at every w), the diagnostic's own
+where the control median is the same metric on the conservative control field, computed with the method
+the model's value was (the curl's Jacobian strategy: a model whose Jacobian needs finite differences is
+judged against the floor of finite differences, measured on the control; the control does not depend on
+the guidance scale w, so one control unit is the floor of the checks at every w), the diagnostic's own
 floor is what its values say they cannot resolve (the loop integral: the median of its nested-rule
 quadrature error relative to ∮|s||dy|), and the precision floor is the smallest resolvable relative value
-of the forward precision (:func:`conservcheck.precision.floor_rel`). The check is a *violation* when the
-median exceeds :data:`FLOOR_FACTOR` × floor. The verdict is
+of the forward precision (:func:`conservcheck.precision.floor_rel`). Each check is
 
-* ``invalid`` when the model broke its contract (NaN/Inf, wrong shape, ignored time input,
-  non-determinism, batch dependence) or any unit failed — no number computed from NaNs is used;
+* ``violation`` when the median exceeds :data:`FLOOR_FACTOR` × floor;
+* ``unresolved`` — *not resolved at this node count* — when only the diagnostic's own discretisation
+  floor keeps it from being a violation: the median exceeds :data:`FLOOR_FACTOR` × max(control median,
+  precision floor) but not :data:`FLOOR_FACTOR` × its own floor. Such a value is of the size of the
+  discretisation error and says nothing either way; more nodes lower that floor (a Brownian bridge at
+  few nodes). A median small even against the control and precision floors is a pass whatever the
+  discretisation error estimate says (the nested-rule estimate is that of the coarser rule);
+* ``pass`` otherwise.
+
+The verdict is
+
+* ``invalid`` when the model broke its contract (NaN/Inf, wrong shape, non-determinism, batch
+  dependence) or any unit failed — no number computed from NaNs is used;
 * ``violation`` when any check is a violation (an incomplete audit says what it left unmeasured);
 * ``invalid`` when units were skipped (time budget, or a shard's partial report) and no measured check
   is a violation — an incomplete audit never passes; the reason names the unmeasured diagnostics;
-* ``pass`` otherwise.
+* ``invalid`` when no check is resolved at its node count;
+* ``pass`` otherwise; its reason names the checks that were not resolved, if any.
 """
 
 from __future__ import annotations
@@ -87,8 +100,11 @@ def _unmeasured(units: list[dict[str, Any]], checks: list[dict[str, Any]], time_
 
 
 def _incomplete(units: list[dict[str, Any]], checks: list[dict[str, Any]], time_name: str) -> str:
-    """One clause saying how many units did not run, why, and which diagnostics that leaves unmeasured."""
+    """One clause saying how many units did not run, why, and which diagnostics that leaves unmeasured
+    (empty when no unit was planned: the reason is then the problem that stopped the audit)."""
     skipped = [u for u in units if u["status"] == "skipped"]
+    if not skipped:
+        return "" if not units else "incomplete"
     why = "; ".join(dict.fromkeys(u.get("message") or "skipped" for u in skipped))
     text = f"incomplete: {len(skipped)} of {len(units)} units not run ({why})"
     unmeasured = _unmeasured(units, checks, time_name)
@@ -141,15 +157,21 @@ def decide_verdict(
         quad = _own_floor(u)
         floor = max(control, quad, rule["precision_floor"])
         ratio = median / floor if floor > 0 else math.inf
+        status = "violation" if median > FLOOR_FACTOR * floor else "pass"
+        if status == "pass" and median > FLOOR_FACTOR * max(control, rule["precision_floor"]):
+            # Only the discretisation floor keeps it from being a violation: not resolved at this node count.
+            status = "unresolved"
+        method = (u.get("meta") or {}).get("strategy")
         checks.append(
             {
                 **check,
-                "status": "violation" if median > FLOOR_FACTOR * floor else "pass",
+                "status": status,
                 "median": median,
                 "control": control,
                 "quadrature": quad,
                 "floor": floor,
                 "ratio": ratio,
+                **({"method": method} if method is not None else {}),
             }
         )
     measured = [c for c in checks if c["status"] != "skipped"]
@@ -167,6 +189,9 @@ def decide_verdict(
         return f"{c['diagnostic']}.{c['variant']} {c['metric']} at {when}"
 
     bad = [c for c in measured if c["status"] == "violation"]
+    resolved = [c for c in measured if c["status"] == "pass"]
+    unresolved = [c for c in measured if c["status"] == "unresolved"]
+    note = _unresolved_note(unresolved, time_name)
     if bad:
         worst = max(bad, key=lambda c: c["ratio"])
         return Verdict(
@@ -187,6 +212,32 @@ def decide_verdict(
             checks,
             rule,
         )
+    if not resolved:
+        return Verdict("invalid", f"no check is resolved: {note}", checks, rule)
+    if unresolved:
+        top = max(resolved, key=lambda c: c["ratio"])
+        return Verdict(
+            "pass",
+            f"all {len(resolved)} resolved checks within {FLOOR_FACTOR:g}× the numerical floor (largest "
+            f"{top['ratio']:.2g}× for {where(top)}); {note}",
+            checks,
+            rule,
+        )
     return Verdict(
         "pass", f"all {len(measured)} checks within {FLOOR_FACTOR:g}× the numerical floor ({largest})", checks, rule
+    )
+
+
+def _unresolved_note(unresolved: list[dict[str, Any]], time_name: str) -> str:
+    """``2 not resolved at this node count (loop.brownian at k=10, k=100: …)``, or "" for none."""
+    if not unresolved:
+        return ""
+    where: dict[str, list[str]] = {}
+    for c in unresolved:
+        label = time_label({"index": c["time_index"], "t": c["t"]}, time_name)
+        where.setdefault(f"{c['diagnostic']}.{c['variant']}", []).append(label)
+    names = "; ".join(f"{name} at {', '.join(labels)}" for name, labels in where.items())
+    return (
+        f"{len(unresolved)} not resolved at this node count ({names}: their floor is the discretisation "
+        "error; raise --points)"
     )

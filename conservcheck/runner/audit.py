@@ -23,11 +23,14 @@ unit, and builds the report an unsharded run gives.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
 import logging
+import os
 import platform
+import secrets
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -41,11 +44,11 @@ from conservcheck import conditioning
 from conservcheck.batching import Batcher
 from conservcheck.contract import check_probe
 from conservcheck.errors import ProbeContractError, UsageError, reason
-from conservcheck.files import cache_folder, json_safe
+from conservcheck.files import cache_folder, check_writable, json_safe
 from conservcheck.precision import storage_dtype
-from conservcheck.probe import VectorFieldProbe
+from conservcheck.probe import VectorFieldProbe, weights_digest
 from conservcheck.report import SCHEMA_VERSION, AuditReport
-from conservcheck.runner.journal import JOURNAL_FORMAT, Journal
+from conservcheck.runner.journal import Journal
 from conservcheck.runner.options import (
     CONDITION_OPTIONS,
     audit_options,
@@ -54,9 +57,12 @@ from conservcheck.runner.options import (
     resolve_options,
     shard_of,
 )
+from conservcheck.runner.size_guard import check_size
 from conservcheck.runner.units import (
+    UnitSpec,
     build_report,
     control_probe,
+    follow_model,
     guidance_cost,
     jacobian_strategies,
     plan_units,
@@ -117,6 +123,11 @@ def load_model(model: VectorFieldProbe | str, opts: dict[str, Any], given: set[s
             # The caller's probe is left as it was: the audit runs a copy at the requested precision.
             model = copy.copy(model)
             model.precision = opts["precision"]
+        if model.info.weights_sha256 is None and "identity" not in model.info.extra:
+            # A probe object names no weights file: its identity is the weights its callable holds.
+            model = copy.copy(model)
+            extra = {**model.info.extra, "identity": {"weights_sha256": weights_digest(model.fn)}}
+            model.info = dataclasses.replace(model.info, extra=extra)
         return model
     if not isinstance(model, str):
         raise UsageError(
@@ -205,16 +216,24 @@ def _environment(probe: VectorFieldProbe) -> dict[str, Any]:
     }
 
 
-def _fingerprint(model: dict[str, Any], opts: dict[str, Any], points: list[TimePoint], x0_sha: str) -> str:
-    numeric = {o.name: opts[o.name] for o in audit_options() if o.numeric}
-    blob = {
-        "schema": SCHEMA_VERSION,
-        "model": model,
-        "options": numeric,
-        "time_points": [p.to_dict() for p in points],
-        "x0": x0_sha,
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+def _identity(model: dict[str, Any], opts: dict[str, Any], points: list[TimePoint], x0_sha: str, batch: int) -> dict:
+    """Everything that decides the audit's numbers: the model's identity, units and conditions (for a
+    ``module:factory`` model its module file's and returned weights' SHA-256), the numeric options, the time
+    points, x0, and the batch size (a batched forward pass rounds differently at another batch size)."""
+    return json_safe(
+        {
+            "schema": SCHEMA_VERSION,
+            "model": model,
+            "options": {o.name: opts[o.name] for o in audit_options() if o.numeric},
+            "time_points": [p.to_dict() for p in points],
+            "x0": x0_sha,
+            "batch_size": batch,
+        }
+    )
+
+
+def _fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _with_hash(x0: Tensor, source: dict[str, Any], probe: VectorFieldProbe) -> tuple[Tensor, dict[str, Any]]:
@@ -222,8 +241,44 @@ def _with_hash(x0: Tensor, source: dict[str, Any], probe: VectorFieldProbe) -> t
     return x0, {**source, "sha256": tensor_sha256(x0)}
 
 
+def _check_cache_dir(cache_dir: str | None) -> None:
+    """A ``cache_dir`` that cannot hold the audit's files is the user's mistake, said before any work."""
+    if cache_dir is None:
+        return
+    try:
+        folder = cache_folder(cache_dir, "runs")
+    except ValueError:  # huggingface_hub: a file where a folder of the cache should be
+        raise UsageError(
+            f"cannot use --cache-dir {cache_dir}: a file is in the way of its folders", "pass a folder you can write to"
+        ) from None
+    except OSError as err:
+        raise UsageError(
+            f"cannot use --cache-dir {cache_dir}: {err.strerror or err}", "pass a folder you can write to"
+        ) from None
+    try:
+        check_writable(folder / "probe", "--cache-dir")
+    except UsageError:
+        raise UsageError(
+            f"cannot use --cache-dir {cache_dir}: it is not writable", "pass a folder you can write to"
+        ) from None
+
+
+def _default_journal(opts: dict[str, Any], fingerprint: str, started: datetime) -> Path:
+    """A partial-results file of this run alone: the audit's fingerprint, the start time, the process and a
+    random token (two identical audits started at once never share a file)."""
+    shard, n_shards = shard_of(opts["shard"])
+    stamp = started.strftime("%Y%m%dT%H%M%S")
+    name = f"{fingerprint[:20]}-{stamp}-{os.getpid()}-{secrets.token_hex(4)}"
+    name += f".shard{shard}of{n_shards}" if opts["shard"] else ""
+    return cache_folder(opts["cache_dir"], "runs") / f"{name}.jsonl"
+
+
 def audit(
-    model: VectorFieldProbe | str = DEFAULT_MODEL, *, progress: Progress | None = None, **options: Any
+    model: VectorFieldProbe | str = DEFAULT_MODEL,
+    *,
+    progress: Progress | None = None,
+    keep_partial_results: bool = False,
+    **options: Any,
 ) -> AuditReport:
     """Audit a model: loop integrals, curl and (optionally) the Stein diagnostic at several time points.
 
@@ -232,6 +287,9 @@ def audit(
             ``owner/name``, a local folder or file, ``module:factory``).
         progress: optional callback ``progress(done, total, description)`` (work in estimated model
             evaluations) called as units finish.
+        keep_partial_results: keep the default partial-results file of a complete audit (the caller removes
+            it once the report is safely written, see :func:`discard_partial_results`); by default it is
+            removed when the report is built. A ``resume`` file is always kept.
         **options: the audit options of :data:`conservcheck.runner.options.OPTIONS` (``paths``, ``curl``,
             ``stein``, ``times`` / ``time_indices`` / ``sigmas``, ``n_samples``, ``n_points``, ``device``,
             ``precision``, ``batch_size``, ``seed``, ``data``, ``revision``, ``cache_dir``,
@@ -242,16 +300,19 @@ def audit(
         the :class:`~conservcheck.report.audit_report.AuditReport` (with ``shard``, a partial report: the other
         shards' units are ``skipped``; :func:`merge` combines the shards' files).
     Raises:
-        UsageError / ModelLoadError for bad options or an unloadable model; :class:`AuditInterrupted`
-        on Ctrl-C (finished work is kept in the partial-results file).
+        UsageError / ModelLoadError for bad options, an unloadable model or an audit too large for the
+        machine's memory; :class:`AuditInterrupted` on Ctrl-C (finished work is kept in the partial-results
+        file).
     """
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     opts = resolve_options(options)
+    _check_cache_dir(opts["cache_dir"])
     probe = load_model(model, opts, set(options))
     opts, cpu_scaled = device_defaults(opts, probe.device)
     points = time_points(probe, opts["times"], opts["time_indices"], opts["sigmas"])
     scales = guidance_scales(probe, opts)
     plan = plan_units(probe, opts, points, scales)
+    check_size(plan, probe, opts)
     # User data is read before anything is logged, so a mistake in it is the only line printed.
     data = _with_hash(*load_data(opts["data"], probe, opts["n_samples"], opts["seed"]), probe) if opts["data"] else None
     if cpu_scaled:
@@ -261,7 +322,8 @@ def audit(
             opts["n_samples"],
             opts["n_points"],
         )
-    problems = list(check_probe(probe, seed=opts["seed"]).problems)
+    contract = check_probe(probe, seed=opts["seed"])
+    problems, warnings = list(contract.problems), list(contract.warnings)
     for p in problems:
         log.warning("model contract: %s", p)
     # The batch-size search runs a real forward pass: only after the contract check has seen the model; at
@@ -280,7 +342,7 @@ def audit(
         "model": model_info,
         "process": probe.process.to_dict(),
         "time_convention": probe.time_convention.to_dict(),
-        "time_points": [{"key": p.key, **p.to_dict()} for p in points],
+        "time_points": [_point_entry(p) for p in points],
         "options": {**{o.name: opts[o.name] for o in audit_options() if o.numeric}, "cpu_scaled": cpu_scaled},
         "environment": _environment(probe),
     }
@@ -320,55 +382,49 @@ def audit(
             )
             problems.append(msg)
             header.update(
-                data_source={"kind": "model", "error": msg}, jacobian_strategy={}, problems=problems, complete=False
+                data_source={"kind": "model", "error": msg},
+                jacobian_strategy={},
+                problems=problems,
+                warnings=warnings,
+                complete=False,
             )
             return build_report(header, [], run_info, t0)
+    if source.get("warning"):
+        warnings.append(source["warning"])
+    for w in warnings:
+        log.warning("warning: %s", w)
     header["data_source"] = source
     release = getattr(probe, "release", None)
     if callable(release):
         release()  # what only obtaining x0 needed (a latent model's autoencoder) is freed before the diagnostics
-    control = control_probe(probe, x0)
-    fingerprint = _fingerprint(model_info, opts, points, source["sha256"])
+    controls = {"control": control_probe(probe, x0)}
+    if any(s.coupled for s in plan):
+        controls["coupled"] = control_probe(probe, x0, coupled=True)
+    identity = _identity(model_info, opts, points, source["sha256"], batcher.batch_size)
+    fingerprint = _fingerprint(identity)
     explicit = opts["resume"] is not None
-    name = fingerprint[:20] + (f".shard{shard}of{n_shards}" if opts["shard"] else "")
-    path = Path(opts["resume"]).expanduser() if explicit else cache_folder(opts["cache_dir"], "runs") / f"{name}.jsonl"
+    path = Path(opts["resume"]).expanduser() if explicit else _default_journal(opts, fingerprint, started)
     head = {
-        "format": JOURNAL_FORMAT,
         "schema_version": SCHEMA_VERSION,
         "fingerprint": fingerprint,
+        "identity": identity,
         "shard": opts["shard"],
         "plan": [[s.key, s.group] for s in plan],
         "header": json_safe(header),
         "problems": problems,
+        "warnings": warnings,
     }
     journal = Journal.open(path, head, reuse=explicit)
     reused = sum(s.key in journal.done for s in plan)
     log.info("partial results: %s%s", path, f" ({reused} finished units reused)" if reused else "")
-    fields = {"model": probe, "control": control}
-    deadline = None if opts["time_budget"] is None else t0 + opts["time_budget"]
-    records: list[dict[str, Any]] = []
-    done_work = sampling_cost
     try:
-        for spec in plan:
-            rec = journal.done.get(spec.key)
-            if rec is None and spec.group % n_shards != shard:
-                records.append(unit_record(spec, "skipped", SKIPPED_SHARD))
-                continue
-            if rec is None and deadline is not None and time.perf_counter() > deadline:
-                records.append(unit_record(spec, "skipped", SKIPPED_BUDGET))
-                continue
-            if rec is None:
-                rec = run_unit(spec, fields[spec.field], x0, opts["seed"], batcher)
-                journal.append(rec)
-            records.append(rec)
-            done_work += spec.cost
-            if progress is not None:
-                where = spec.time.key + ("" if spec.guidance is None else f" w={spec.guidance:g}")
-                progress(done_work, total, f"{spec.diagnostic}.{spec.variant} {spec.field} {where}")
-    except KeyboardInterrupt:
-        raise AuditInterrupted(path, journal.saved(), opts["shard"]) from None
+        records = _run_units(journal, plan, probe, controls, x0, opts, batcher, progress, sampling_cost, total, t0)
+    finally:
+        journal.close()
     complete = all(r["status"] != "skipped" for r in records)
-    header.update(jacobian_strategy=jacobian_strategies(records), problems=problems, complete=complete)
+    header.update(
+        jacobian_strategy=jacobian_strategies(records), problems=problems, warnings=warnings, complete=complete
+    )
     run_info.update(units_reused=reused, partial_results=str(path))
     if opts["shard"]:
         log.info(
@@ -382,8 +438,69 @@ def audit(
         )
     report = build_report(header, records, run_info, t0)
     if not explicit and complete:
-        path.unlink(missing_ok=True)
+        report.default_partial_results = path
+        if not keep_partial_results:
+            discard_partial_results(report)
     return report
+
+
+def discard_partial_results(report: AuditReport) -> None:
+    """Remove the default partial-results file of a complete audit (call it once the report is safely on
+    disk; a ``resume`` file, or the file of an incomplete audit, is never removed)."""
+    path = getattr(report, "default_partial_results", None)
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
+        report.default_partial_results = None
+
+
+def _point_entry(p: TimePoint) -> dict[str, Any]:
+    return {"key": p.key, **p.to_dict(), **({"requested": p.requested} if p.requested is not None else {})}
+
+
+def _run_units(
+    journal: Journal,
+    plan: list[UnitSpec],
+    probe: VectorFieldProbe,
+    controls: dict[str, VectorFieldProbe],
+    x0: Tensor,
+    opts: dict[str, Any],
+    batcher: Batcher,
+    progress: Progress | None,
+    done_work: float,
+    total: float,
+    t0: float,
+) -> list[dict[str, Any]]:
+    """Every unit of the plan: reused from the journal, run (and appended to it), or skipped (another
+    shard's, or past the time budget). Ctrl-C raises :class:`AuditInterrupted`."""
+    shard, n_shards = shard_of(opts["shard"])
+    deadline = None if opts["time_budget"] is None else t0 + opts["time_budget"]
+    records: list[dict[str, Any]] = []
+    # A control unit follows the first model unit of its group (with guidance scales, the first scale's).
+    first_model: dict[int, dict[str, Any]] = {}
+    try:
+        for spec in plan:
+            rec = journal.done.get(spec.key)
+            if rec is None and spec.group % n_shards != shard:
+                records.append(unit_record(spec, "skipped", SKIPPED_SHARD))
+                continue
+            if rec is None and deadline is not None and time.perf_counter() > deadline:
+                records.append(unit_record(spec, "skipped", SKIPPED_BUDGET))
+                continue
+            if rec is None:
+                field = probe if spec.field == "model" else controls["coupled" if spec.coupled else "control"]
+                follow = follow_model(spec, first_model.get(spec.group))
+                rec = run_unit(spec, field, x0, opts["seed"], batcher, follow)
+                journal.append(rec)
+            if spec.field == "model":
+                first_model.setdefault(spec.group, rec)
+            records.append(rec)
+            done_work += spec.cost
+            if progress is not None:
+                where = spec.time.key + ("" if spec.guidance is None else f" w={spec.guidance:g}")
+                progress(done_work, total, f"{spec.diagnostic}.{spec.variant} {spec.field} {where}")
+    except KeyboardInterrupt:
+        raise AuditInterrupted(journal.path, journal.saved(), opts["shard"]) from None
+    return records
 
 
 def _signature() -> inspect.Signature:
@@ -393,6 +510,7 @@ def _signature() -> inspect.Signature:
             "model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DEFAULT_MODEL, annotation="VectorFieldProbe | str"
         ),
         inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Progress | None"),
+        inspect.Parameter("keep_partial_results", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
     ]
     params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default) for o in audit_options()]
     return inspect.Signature(params, return_annotation="AuditReport")
@@ -400,7 +518,4 @@ def _signature() -> inspect.Signature:
 
 audit.__signature__ = _signature()  # type: ignore[attr-defined]
 
-
-audit.__signature__ = _signature()  # type: ignore[attr-defined]
-
-__all__ = ["AuditInterrupted", "DEFAULT_MODEL", "audit", "load_model"]
+__all__ = ["AuditInterrupted", "DEFAULT_MODEL", "audit", "discard_partial_results", "load_model"]

@@ -3,7 +3,10 @@
 An audit runs every planned variant of every registered diagnostic (:mod:`conservcheck.diagnostics`) at
 every time point on two *fields*: ``model`` (the audited probe) and ``control`` (:func:`control_probe`,
 an exactly conservative Gaussian score evaluated on the very same loops and probe vectors, whose values
-are the audit's numerical floor). A *group* is one (diagnostic, variant, time point): its model unit and
+are the audit's numerical floor). A diagnostic with ``coupled_control`` (the curl) gets the Gaussian
+turned by a fixed orthogonal map, and one with ``control_follows`` runs its control with the model
+unit's method (the curl's Jacobian strategy, :func:`follow_model`), so its floor is the floor of the
+method the model's value was computed with. A *group* is one (diagnostic, variant, time point): its model unit and
 its control unit, numbered in plan order (the unit of sharding). Each finished unit becomes a JSON-ready
 record: its key, field, diagnostic, variant, time point, status (ok / nonfinite / error / skipped),
 message, per-sample values and meta.
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 
 from conservcheck import conditioning, diagnostics
-from conservcheck.analytic.fields import GaussianMixture
+from conservcheck.analytic.fields import GaussianMixture, TurnedGaussian
 from conservcheck.batching import Batcher
 from conservcheck.diagnostics import DiagnosticResult, RunFn
 from conservcheck.errors import ProbeContractError, reason
@@ -50,6 +53,7 @@ class UnitSpec:
     cost: float
     group: int = 0
     guidance: float | None = None
+    coupled: bool = False
 
     @property
     def key(self) -> str:
@@ -67,18 +71,28 @@ def guidance_cost(w: float | None) -> float:
     return 1.0 if w in (None, 0.0, 1.0) else 2.0
 
 
-def control_probe(probe: VectorFieldProbe, x0: Tensor) -> VectorFieldProbe:
+def control_probe(probe: VectorFieldProbe, x0: Tensor, coupled: bool = False) -> VectorFieldProbe:
     """The exact score of N(mean(x0), diag var(x0)) under the probe's process, as a probe in the same
-    dtype, device and precision: a conservative field of the model's scale (the numerical floor)."""
+    dtype, device and precision: a conservative field of the model's scale (the numerical floor).
+
+    ``coupled``: the same Gaussian turned by a fixed orthogonal map (:class:`TurnedGaussian`, same
+    spectrum), whose Jacobian is dense: the control of diagnostics whose method's rounding only shows
+    through couplings between coordinates (:attr:`~conservcheck.diagnostics.Diagnostic.coupled_control`).
+    """
     flat = x0.detach().to("cpu", torch.float64).reshape(x0.shape[0], -1)
-    gauss = GaussianMixture(
-        flat.mean(0, keepdim=True),
-        flat.std(0, unbiased=False, keepdim=True),
-        process=probe.process,
-        sample_shape=probe.sample_shape,
-    )
+    if coupled:
+        field: Any = TurnedGaussian(
+            flat.mean(0), flat.std(0, unbiased=False), process=probe.process, sample_shape=probe.sample_shape
+        )
+    else:
+        field = GaussianMixture(
+            flat.mean(0, keepdim=True),
+            flat.std(0, unbiased=False, keepdim=True),
+            process=probe.process,
+            sample_shape=probe.sample_shape,
+        )
     return VectorFieldProbe(
-        gauss.score,
+        field.score,
         process=probe.process,
         sample_shape=probe.sample_shape,
         parameterization="score",
@@ -86,7 +100,7 @@ def control_probe(probe: VectorFieldProbe, x0: Tensor) -> VectorFieldProbe:
         device=probe.device,
         dtype=probe.dtype,
         precision=probe.precision,
-        info=ProbeInfo(name="gaussian-control", adapter="control"),
+        info=ProbeInfo(name="turned-gaussian-control" if coupled else "gaussian-control", adapter="control"),
     )
 
 
@@ -99,16 +113,32 @@ def plan_units(
     """Units in run order: for each time point, each registered diagnostic's planned variants, the model
     unit (one per guidance scale of a conditional model) then (for a controlled variant) its control unit;
     a group's index is in ``UnitSpec.group``."""
-    variants = [(name, v) for name, spec in diagnostics.registered().items() for v in spec.plan(opts, probe)]
+    variants = [
+        (name, v, spec.coupled_control)
+        for name, spec in diagnostics.registered().items()
+        for v in spec.plan(opts, probe)
+    ]
     plan: list[UnitSpec] = []
     groups = ((tp, item) for tp in points for item in variants)
     scales: tuple[float | None, ...] = guidance if guidance else (None,)
-    for group, (tp, (diag, v)) in enumerate(groups):
+    for group, (tp, (diag, v, coupled)) in enumerate(groups):
         for w in scales:
-            plan.append(UnitSpec("model", diag, v.name, tp, v.run, v.kwargs, v.cost * guidance_cost(w), group, w))
+            cost = v.cost * guidance_cost(w)
+            plan.append(UnitSpec("model", diag, v.name, tp, v.run, v.kwargs, cost, group, guidance=w))
         if v.controlled:
-            plan.append(UnitSpec("control", diag, v.name, tp, v.run, v.kwargs, v.cost * CONTROL_COST, group))
+            plan.append(
+                UnitSpec("control", diag, v.name, tp, v.run, v.kwargs, v.cost * CONTROL_COST, group, coupled=coupled)
+            )
     return plan
+
+
+def follow_model(spec: UnitSpec, model_record: dict[str, Any] | None) -> dict[str, Any]:
+    """Keywords a control unit takes from its model unit's meta (the diagnostic's ``control_follows``):
+    none for a model unit, or when the model unit did not finish cleanly."""
+    if spec.field != "control" or model_record is None or model_record.get("status") != "ok":
+        return {}
+    meta = model_record.get("meta") or {}
+    return {k: meta[k] for k in diagnostics.get(spec.diagnostic).control_follows if meta.get(k) is not None}
 
 
 def unit_record(spec: UnitSpec, status: str, message: str | None = None) -> dict[str, Any]:
@@ -127,11 +157,19 @@ def unit_record(spec: UnitSpec, status: str, message: str | None = None) -> dict
     }
 
 
-def run_unit(spec: UnitSpec, probe: VectorFieldProbe, x0: Tensor, seed: int, batcher: Batcher) -> dict[str, Any]:
-    """Run one unit and return its JSON-ready record (status ok / nonfinite / error)."""
+def run_unit(
+    spec: UnitSpec,
+    probe: VectorFieldProbe,
+    x0: Tensor,
+    seed: int,
+    batcher: Batcher,
+    follow: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run one unit and return its JSON-ready record (status ok / nonfinite / error); ``follow`` are the
+    keywords of :func:`follow_model`."""
     try:
         with conditioning.select(probe, guidance=spec.guidance):
-            result = _run_per_condition(spec, probe, x0, seed, batcher)
+            result = _run_per_condition(spec, probe, x0, seed, batcher, {**spec.kwargs, **(follow or {})})
     except Exception as err:
         # A model that raises at this time point (its own code, or out of memory even at batch size 1) is
         # reported there and the audit goes on; Ctrl-C (not an Exception) still stops it.
@@ -151,25 +189,25 @@ def run_unit(spec: UnitSpec, probe: VectorFieldProbe, x0: Tensor, seed: int, bat
             status="nonfinite",
             message=f"NaN/Inf values in {int(bad.sum())} of {len(x0)} samples (the model's output is not finite there)",
         )
-    record.update(values={k: v.tolist() for k, v in values.items()}, meta=json_safe(result.meta))
-    # The exact floats a resumed audit reads back from the partial-results file.
-    return json.loads(json.dumps(record))
+    record.update(values={k: v.tolist() for k, v in values.items()}, meta=result.meta)
+    # The exact floats a resumed audit reads back from the partial-results file (NaN/Inf as null).
+    return json.loads(json.dumps(json_safe(record), allow_nan=False))
 
 
 def _run_per_condition(
-    spec: UnitSpec, probe: VectorFieldProbe, x0: Tensor, seed: int, batcher: Batcher
+    spec: UnitSpec, probe: VectorFieldProbe, x0: Tensor, seed: int, batcher: Batcher, kwargs: dict[str, Any]
 ) -> DiagnosticResult:
     """The unit's diagnostic, run once per condition on that condition's samples (with their global
     indices); values are put back in sample order, meta is the first condition's with ``n_evals`` summed."""
     parts = conditioning.groups(probe, range(len(x0)), seed)
     if len(parts) == 1:
         with conditioning.select(probe, condition=parts[0][0]):
-            return spec.run(probe, x0, spec.time, seed=seed, batcher=batcher, **spec.kwargs)
+            return spec.run(probe, x0, spec.time, seed=seed, batcher=batcher, **kwargs)
     results = []
     for condition, pos in parts:
         with conditioning.select(probe, condition=condition):
             rows = torch.tensor(pos, device=x0.device)
-            results.append(spec.run(probe, x0[rows], spec.time, seed=seed, batcher=batcher, start=pos, **spec.kwargs))
+            results.append(spec.run(probe, x0[rows], spec.time, seed=seed, batcher=batcher, start=pos, **kwargs))
     first = results[0]
     values = {k: torch.empty(len(x0), dtype=v.dtype) for k, v in first.values.items()}
     for (_, pos), r in zip(parts, results):

@@ -21,8 +21,10 @@ Samples are cached (``.npy`` + a JSON key file) under huggingface_hub's assets c
 the file name is the SHA-256 of everything that decides the samples — the probe's identity (reference,
 revision, weights SHA-256, adapter, parameterization, process, time convention, shape, data range, dtype,
 precision, device type), n, seed and the sampler's name, version and steps — and the key file is compared
-in full on every read, so a stale entry can never be returned. Probes without a weights hash (analytic
-fields, plain callables) are never cached.
+in full on every read, so a stale entry can never be returned. The key file also records the SHA-256 of
+the ``.npy`` file, checked on every read: a cache entry damaged or changed after it was written is not
+used (the samples are drawn again, with a warning). Probes without a weights hash (analytic fields, plain
+callables) are never cached.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from torch import Tensor
 
 from conservcheck import conditioning, rng
 from conservcheck.batching import Batcher, evaluate
-from conservcheck.errors import ProbeContractError
-from conservcheck.files import cache_folder, write_atomic
+from conservcheck.errors import ProbeContractError, UsageError
+from conservcheck.files import cache_folder, read_input, write_atomic
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.process import log_snr_grid
 from conservcheck.timepoints import noise_span
@@ -138,17 +140,34 @@ def _key(probe: VectorFieldProbe, n: int, seed: int, steps: int) -> dict[str, An
 def _write(folder: Path, name: str, x: Tensor, key: dict[str, Any]) -> None:
     buf = io.BytesIO()
     np.save(buf, x.detach().cpu().numpy(), allow_pickle=False)
-    write_atomic(folder / f"{name}.npy", buf.getvalue())
-    write_atomic(folder / f"{name}.json", json.dumps(key, sort_keys=True))
+    data = buf.getvalue()
+    write_atomic(folder / f"{name}.npy", data)
+    write_atomic(folder / f"{name}.json", json.dumps({"key": key, "sha256": hashlib.sha256(data).hexdigest()}))
 
 
 def _read(folder: Path, name: str, key: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray | None:
-    try:
-        stored = json.loads((folder / f"{name}.json").read_text())
-        arr = np.load(folder / f"{name}.npy", allow_pickle=False)
-    except (OSError, ValueError):
+    """The cached samples, or None when there are none or the entry is not exactly what was written."""
+    if not (folder / f"{name}.json").exists():
         return None
-    if stored != json.loads(json.dumps(key, sort_keys=True)) or arr.shape != shape or not np.isfinite(arr).all():
+    limit = 64 * math.prod(shape) + 4096
+    try:
+        stored = json.loads(read_input(folder / f"{name}.json", "sample cache key", "", 1 << 20))
+    except (UsageError, ValueError):
+        stored = None
+    if not isinstance(stored, dict) or stored.get("key") != json.loads(json.dumps(key, sort_keys=True)):
+        return None  # another entry's key, or a key file of an older version: not these samples
+    try:
+        data = read_input(folder / f"{name}.npy", "sample cache", "", limit)
+        if stored.get("sha256") != hashlib.sha256(data).hexdigest():
+            raise ValueError("its SHA-256 is not the one recorded")
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (UsageError, OSError, ValueError) as err:
+        log.warning("the cached model samples %s are damaged (%s): drawing them again", folder / f"{name}.npy", err)
+        return None
+    if arr.shape != shape:
+        return None
+    if not np.isfinite(arr).all():
+        log.warning("the cached model samples %s are not finite: drawing them again", folder / f"{name}.npy")
         return None
     return arr
 
