@@ -15,7 +15,8 @@ temporary folder by default).
 
     python examples/train_digits.py                       # writes conservcheck/assets/digits-ddpm
     python examples/train_digits.py --steps 500 --out /tmp/digits-quick
-    python examples/train_digits.py --steps 20 --eval-draws 1 --samples '' --out /tmp/digits-smoke   # seconds
+    python examples/train_digits.py --steps 10 --batch-size 32 --warmup 5 --eval-draws 1 --samples '' \
+        --out /tmp/digits-smoke                           # seconds
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ Columns (float64 [B]; J in score units per data unit, i.e. 1/data²):
 ======================  ==========================================================================
 
 Random draws: the index set of sample b comes from the stream (seed, "curl_block", time.key, b), its
-probes from (seed, "curl_probe", time.key, b, p) — independent of the batch size.
+probes from (seed, "curl_probe", time.key, b, p) — independent of the batch size (the values are within
+the reproducibility tolerance of :mod:`conservcheck.report.reproducibility` across batch sizes).
 """
 
 from __future__ import annotations
