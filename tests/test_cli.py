@@ -389,7 +389,7 @@ def test_transport_of_the_exact_score_moves_nothing(files):
 # -------------------------------------------------------------------------------- a real diffusers model
 
 
-def test_tiny_diffusers_unet_end_to_end(ddpm_folder, tmp_path):
+def test_tiny_diffusers_unet_end_to_end(ddpm_folder, tmp_path, single_thread):
     folder = ddpm_folder("linear", "epsilon")
     out1, out2 = tmp_path / "u1.json", tmp_path / "u2.json"
     args = [
