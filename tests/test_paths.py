@@ -198,6 +198,8 @@ def test_node_counts_and_nesting_under_doubling():
     assert rotation_loops(x0, TIME, 0, n_points=15).n_points == 16
     assert projection_loops(x0, TIME, 0, n_points=1000, n_vertices=8).n_points == 1008  # 126 per edge
     assert projection_loops(x0, TIME, 0, n_points=16, n_vertices=3).n_points == 18
+    # Every second node of 2N is a node of N: the same parameter (k/N = 2k/2N, each correctly rounded) through
+    # the same element-wise formulas, per node — the same bits, which nested refinement relies on.
     for path in PATH_RULES:
         for rule in PATH_RULES[path]:
             a = make_loops(path, x0, TIME, 0, n_points=32, rule=rule, n_vertices=4)
