@@ -2,7 +2,7 @@
 
 A :class:`TimePoint` names one time in every convention a report needs (canonical t, σ, α and, on a
 discrete schedule, the native index k). :func:`forward_samples` draws x_t = α x0 + σ ε with ε keyed by
-each sample's index, so a sample's numbers do not depend on how many others run beside it.
+each sample's index, so a sample's x_t does not depend on how many others run beside it.
 
 Default time points (:func:`time_points`), from nearly clean to nearly pure noise:
 

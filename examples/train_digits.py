@@ -23,7 +23,8 @@ change the training run. Needs ``pip install "conservcheck[metrics]" tensorboard
 
     python examples/train_digits.py                       # writes conservcheck/assets/digits-ddpm
     python examples/train_digits.py --steps 500 --out /tmp/digits-quick
-    python examples/train_digits.py --steps 20 --eval-draws 1 --samples '' --out /tmp/digits-smoke   # seconds
+    python examples/train_digits.py --steps 10 --batch-size 32 --warmup 5 --eval-draws 1 --samples '' \
+        --out /tmp/digits-smoke                           # seconds
     python examples/train_digits.py --steps 600 --metric-every 50 --tensorboard runs/digits \
         --curve conservativity.png --out /tmp/digits-tracked
 """

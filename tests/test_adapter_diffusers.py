@@ -285,7 +285,7 @@ def test_pickled_bin_weights_load_with_weights_only(ddpm_folder, tmp_path):
     assert probe.info.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     x = _x()
     with torch.no_grad():
-        assert torch.equal(probe.score(x, 0.3), ref.score(x, 0.3))
+        assert torch.equal(probe.score(x, 0.3), ref.score(x, 0.3))  # same weights, same batch: same bits
 
 
 def test_pickle_needing_arbitrary_code_requires_trust(ddpm_folder, tmp_path):
@@ -305,7 +305,7 @@ def test_pickle_needing_arbitrary_code_requires_trust(ddpm_folder, tmp_path):
     ref = diffusers_unet.load(ddpm_folder(), dtype=F64)
     x = _x()
     with torch.no_grad():
-        assert torch.equal(probe.score(x, 0.3), ref.score(x, 0.3))
+        assert torch.equal(probe.score(x, 0.3), ref.score(x, 0.3))  # same weights, same batch: same bits
 
 
 # ---------------------------------------------------------------------------------------------------

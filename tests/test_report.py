@@ -200,6 +200,7 @@ def test_rows_go_to_a_side_file_when_asked(mixture_report, tmp_path):
     jsonschema.validate(data, SCHEMA)
     assert data["rows"]["file"] == "big.rows.csv" and data["rows"]["n_rows"] == len(mixture_report.rows)
     back = AuditReport.from_json(path)
+    # The side file keeps every float64 bit (pandas writes the shortest round-trip repr).
     assert np.array_equal(back.rows["circulation"].to_numpy(), mixture_report.rows["circulation"].to_numpy())
     (tmp_path / "big.rows.csv").unlink()
     with pytest.raises(UsageError, match="rows file"):

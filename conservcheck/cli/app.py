@@ -664,7 +664,7 @@ def merge_cmd(
     allow_seed_change: bool = SEED_CHANGE_OPTION,
     fmt: str = FORMAT_OPTION,
 ) -> None:
-    """Combine the partial-results files of a sharded audit into its report (identical to an unsharded run).
+    """Combine the partial-results files of a sharded audit into its report (that of an unsharded run).
 
     Refuses files of different audits, and names the missing units, their shard and the command that
     finishes them when the files do not hold every unit. Exit codes as for audit.

@@ -32,7 +32,8 @@ Pooled ratios: the per-sample ``curl_rel_fro`` and ``rel_asym`` are summarised b
 ½√(Σ‖J − Jᵀ‖²/Σ‖J‖²) — the form other work reports (:attr:`Diagnostic.pooled`).
 
 Random draws: the index set of sample b comes from the stream (seed, "curl_block", time.key, b), its
-probes from (seed, "curl_probe", time.key, b, p) — independent of the batch size.
+probes from (seed, "curl_probe", time.key, b, p) — independent of the batch size (the values are within
+the reproducibility tolerance of :mod:`conservcheck.report.reproducibility` across batch sizes).
 """
 
 from __future__ import annotations

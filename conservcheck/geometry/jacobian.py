@@ -388,8 +388,8 @@ def divergence_hutchinson(
 
     Args:
         keys: one key (or tuple of keys) per sample, e.g. ``[("stein", time.key, start + b) ...]``;
-            probe p of sample b comes from the stream (seed, *keys[b], p), so a sample's estimate does
-            not depend on the batch it runs in.
+            probe p of sample b comes from the stream (seed, *keys[b], p), so a sample's probes do
+            not depend on the batch it runs in (its estimate only by the rounding of the field's kernels).
         n_probes: at least 2 (the standard error needs two); one product per probe (a vjp under
             ``double_vjp``, else a jvp), probes run one after another over the whole batch.
     Returns:

@@ -7,11 +7,15 @@ gives one value per sample in named columns; :attr:`AuditReport.rows` holds them
 :meth:`AuditReport.summary` their statistics (:mod:`conservcheck.report.summary`), and
 :attr:`AuditReport.verdict` the verdict (:mod:`conservcheck.report.verdict`).
 
-Reproducibility: two audits with the same options, seed and batch size give identical JSON except the
-``run`` object (start and end time, wall time, units reused from a partial-results file, its path, and the
-options that only change how the audit runs: batch size, cache folder, resume file, budgets, shard). At
-another batch size a float32 model's batched kernels round differently, so its numbers agree only to
-that rounding (docs/report.md).
+Reproducibility (:mod:`conservcheck.report.reproducibility`): two audits with the same options and seed,
+run with the same batch size and memory budget on the same kind of device, library versions and thread
+count, give identical JSON except the ``run`` object (start and end time, wall time, units reused from a
+partial-results file, its path, and the options that only change how the audit runs: batch size, cache
+folder, resume file, budgets, shard). Another batch size, memory budget, shard split or thread count
+draws the same random inputs but may sum the model's products in another order: every headline metric
+then agrees within :data:`~conservcheck.report.reproducibility.TOLERANCE` of the forward
+precision. The batch size is part of an audit's fingerprint, so a resumed or merged audit keeps the one it
+started with.
 
 Reading a report back (:meth:`AuditReport.from_json`) checks it as the tool's own file: a regular file of
 bounded size, the structure the code reads (a malformed one is one :class:`UsageError`, never a

@@ -9,15 +9,18 @@ audit's numerical floor (see :mod:`conservcheck.report.audit_report` for the ver
 
 Every finished unit is appended to a partial-results file (JSON lines, flushed and synced), so Ctrl-C or
 a killed job loses at most the unit in progress; ``resume=PATH`` reuses the finished units and, because
-every random draw is keyed by (seed, stream, time point, sample index), gives exactly the report an
-uninterrupted run gives. A bad model does not stop the audit: a unit whose model raises or returns
-NaN/Inf is recorded with its status, reported per time point, and the verdict becomes ``invalid``.
+every random draw is keyed by (seed, stream, time point, sample index), gives the report an
+uninterrupted run gives — bit for bit with the same batch size and thread count on the same kind of
+machine, and within the reproducibility tolerance otherwise (:mod:`conservcheck.report.reproducibility`).
+A bad model does not stop the audit: a unit whose model raises or returns NaN/Inf is recorded with its
+status, reported per time point, and the verdict becomes ``invalid``.
 
 Distributed runs (docs/distributed.md): ``shard="i/n"`` runs only the units of group g ≡ i (mod n), where
 a group is one (diagnostic, variant, time point) — the model unit and its control — numbered in plan
 order, and writes them to its own partial-results file. The shards never communicate (a dead one cannot
 block the others); :func:`conservcheck.merge` checks that their files come from one audit and together hold every
-unit, and builds the report an unsharded run gives.
+unit, and builds the report an unsharded run gives: units are computed whole, so it is bit-identical
+when the shards ran with the single run's batch size and thread count.
 """
 
 from __future__ import annotations

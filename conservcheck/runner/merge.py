@@ -23,8 +23,10 @@ def merge(paths: Sequence[str | Path]) -> AuditReport:
 
     Every file must come from the same audit (same fingerprint: model, data, numeric options, x0, batch
     size), is checked line by line (:class:`~conservcheck.runner.journal.Journal`) and left as it is, and
-    together they must hold every unit of its plan; the report is then identical to an unsharded
-    run's, except the ``run`` object (here: ``merged_from``, the files, and the units each one gave).
+    together they must hold every unit of its plan; the report is then an unsharded run's, except the
+    ``run`` object (here: ``merged_from``, the files, and the units each one gave): bit-identical when
+    every shard ran with the thread count of that run (units are computed whole), within the
+    reproducibility tolerance otherwise (:mod:`conservcheck.report.reproducibility`).
     Files may overlap (a unit found twice is taken from the first file that has it).
 
     Raises:

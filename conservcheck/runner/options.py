@@ -209,7 +209,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         "seed",
         0,
         "--seed",
-        "Seed of every random draw (results do not depend on batch size).",
+        "Seed of every random draw (the draws do not depend on the batch size).",
         integer("--seed", 0),
         "N",
         schema={"type": "integer", "minimum": 0},

@@ -14,7 +14,9 @@ x0 of a guided audit are the same points at every w. Times: every native index o
 from T−1 down to 0, ``steps`` of them evenly spaced; otherwise ``steps`` times evenly spaced in λ from
 nearly pure noise to nearly clean data (:func:`conservcheck.timepoints.noise_span`). No clipping: the samples
 are what the field itself transports. The starting noise of sample i comes from the stream
-(seed, "sampler", i), so a sample never depends on the batch it ran in.
+(seed, "sampler", i), so a sample's starting point never depends on the batch it ran in; the sample
+itself is bit-identical for the same batch size and thread count, and otherwise equal to the rounding
+the ODE carries from step to step (:mod:`conservcheck.report.reproducibility`).
 
 Samples are cached (``.npy`` + a JSON key file) under huggingface_hub's assets cache,
 ``cached_assets_path("conservcheck", subfolder="samples")``, or ``<cache_dir>/conservcheck/default/samples``;
