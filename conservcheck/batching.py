@@ -3,7 +3,11 @@
 Diagnostics hand the engine flat work: inputs [M, *shape] with one canonical time each. The engine
 cuts it into model batches as large as allowed and, on CUDA out-of-memory, halves the batch and retries
 instead of failing. Results come back in input order, and every row is computed independently of its
-neighbours, so batching never changes which numbers are computed.
+neighbours, so batching never changes which inputs are evaluated. It can change the last bits of the
+outputs: matrix and convolution kernels choose their blocking and summation order by batch shape (and
+thread count), so a row's score may differ by a rounding error from one batch size to another. The
+same batch size gives the same bits; other batch sizes agree within the reproducibility tolerance
+(:mod:`conservcheck.report.reproducibility`).
 
 ``batch_size="auto"`` on CUDA searches once for the largest power-of-two batch whose forward pass
 fits (up to :data:`MAX_AUTO_BATCH`) and caches the answer per model identity, device name, precision

@@ -3,11 +3,22 @@
 Every error a user can cause is a :class:`ConservcheckError` whose message names the problem and
 whose ``hint`` names the fix. The CLI prints ``error: <message> (<hint>)`` on one line and exits with
 code 2; library callers catch the class.
+
+Exit codes of every command (docs/cli.md): :data:`EXIT_OK` done (a verdict of any kind, a gate that does
+not hold), :data:`EXIT_GATE` a ``--fail-if`` condition holds (or a self-test check misses),
+:data:`EXIT_USAGE` a usage or input error, :data:`EXIT_INTERNAL` an internal error (a bug: one line, the
+traceback in a log file or with ``--debug``), :data:`EXIT_INTERRUPTED` Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import re
+
+EXIT_OK = 0
+EXIT_GATE = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
 class ConservcheckError(Exception):

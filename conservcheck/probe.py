@@ -3,7 +3,9 @@
 A probe wraps any callable ``fn(x, native_time) -> output`` together with what decides its units: the
 noising process (canonical time), the model's time convention, and the parameterization of its output.
 It answers :meth:`VectorFieldProbe.score` in score units ∇ₓ log p_t(x) at canonical time t. Nothing
-downstream of the probe knows the model's native units.
+downstream of the probe knows the model's native units. A conditional model is one field per condition:
+its ``fn`` is a :class:`~conservcheck.conditioning.ConditionalField` at a selected condition and
+classifier-free guidance scale (:mod:`conservcheck.conditioning`); unconditional models are unchanged.
 
 Three lines wrap a custom epsilon-network trained with DDPM's linear schedule::
 
@@ -14,17 +16,75 @@ Three lines wrap a custom epsilon-network trained with DDPM's linear schedule::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import hashlib
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from conservcheck.conditioning import Conditioning, field_of
 from conservcheck.errors import ProbeContractError, UsageError
 from conservcheck.parameterization import canonical_name, to_score
 from conservcheck.precision import check_mode, forward_context
 from conservcheck.process import OUProcess, Process, TimeConvention, expand_like
+
+
+def _reachable_tensors(obj: Any, path: str, seen: set[int], depth: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, tensor) for every tensor (or numpy array) reachable from ``obj``, in a fixed order: an
+    ``nn.Module``'s state dict, a bound method's object, a function's closure cells, a partial's function
+    and arguments, the items of lists, tuples and dicts and an object's attributes, ``depth`` levels deep."""
+    if id(obj) in seen or depth < 0:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc":
+        yield path, torch.from_numpy(np.ascontiguousarray(obj))
+    elif isinstance(obj, torch.nn.Module):
+        for name, t in sorted(obj.state_dict(keep_vars=True).items()):
+            yield f"{path}.{name}", t
+    elif inspect.ismethod(obj):
+        yield from _reachable_tensors(obj.__self__, f"{path}.__self__", seen, depth - 1)
+    elif inspect.isfunction(obj):
+        for i, cell in enumerate(obj.__closure__ or ()):
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            yield from _reachable_tensors(content, f"{path}.<cell {i}>", seen, depth - 1)
+    elif isinstance(obj, functools.partial):
+        yield from _reachable_tensors((obj.func, obj.args, obj.keywords), path, seen, depth - 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _reachable_tensors(v, f"{path}[{i}]", seen, depth - 1)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _reachable_tensors(obj[k], f"{path}[{k!r}]", seen, depth - 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not inspect.ismodule(obj):
+        for k in sorted(vars(obj)):
+            yield from _reachable_tensors(vars(obj)[k], f"{path}.{k}", seen, depth - 1)
+
+
+def weights_digest(model: Any, depth: int = 6) -> str | None:
+    """SHA-256 of every tensor reachable from ``model`` (names, dtypes, shapes and values), or None when
+    none is: the identity of a model that names no weights file (a ``module:factory`` model, a probe object)."""
+    h = hashlib.sha256()
+    count = 0
+    for name, t in _reachable_tensors(model, "model", set(), depth):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        count += 1
+        if t.is_meta or t.layout != torch.strided or t.is_quantized:
+            continue  # no plain values to hash: its name, dtype and shape stand for it
+        data = t.detach().to("cpu").contiguous()
+        if data.dtype == torch.bfloat16:
+            data = data.view(torch.int16)
+        h.update(data.numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest() if count else None
 
 
 @dataclass
@@ -96,6 +156,14 @@ class VectorFieldProbe:
         self.info = info if info is not None else ProbeInfo()
 
     @property
+    def conditioning(self) -> Conditioning | None:
+        """What the field is conditioned on when ``fn`` is a :class:`~conservcheck.conditioning.ConditionalField`
+        (None: an unconditional model); select a condition and guidance scale with
+        :func:`conservcheck.conditioning.select`."""
+        field_ = field_of(self)
+        return field_.conditioning if field_ is not None else None
+
+    @property
     def dim(self) -> int:
         """Number of components D of one sample."""
         n = 1
@@ -114,8 +182,12 @@ class VectorFieldProbe:
             )
         return t
 
-    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """s(x, t) = ∇ₓ log p_t(x), shape [B, *sample_shape], for x of that shape and t of shape [B] or 0-d."""
+    def output(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """The wrapped callable's own output at canonical time t (its native units), shape of x.
+
+        A model that ends the process from inside its forward pass (``sys.exit``) raises
+        :class:`ProbeContractError` instead, so the audit records it where it happened and goes on.
+        """
         if tuple(x.shape[1:]) != self.sample_shape:
             raise UsageError(
                 f"input has sample shape {tuple(x.shape[1:])}, the probe expects {self.sample_shape}",
@@ -123,15 +195,26 @@ class VectorFieldProbe:
             )
         t64 = self.times(t, x.shape[0])
         native = self.time_convention.from_canonical(t64).to(self.dtype)
-        with forward_context(self.precision, x.device):
-            out = self.fn(x, native)
+        try:
+            with forward_context(self.precision, x.device):
+                out = self.fn(x, native)
+        except SystemExit as err:
+            raise ProbeContractError(
+                f"the model called sys.exit({err.code!r}) in its forward pass",
+                "a model must return its output; remove the exit from its code",
+            ) from None
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ProbeContractError(
                 f"model output has shape {got}, expected {tuple(x.shape)}",
                 "the wrapped callable must return one vector per input sample",
             )
-        out = out.to(x.dtype)
+        return out.to(x.dtype)
+
+    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """s(x, t) = ∇ₓ log p_t(x), shape [B, *sample_shape], for x of that shape and t of shape [B] or 0-d."""
+        out = self.output(x, t)
+        t64 = self.times(t, x.shape[0])
         proc = self.process
         alpha = expand_like(proc.alpha(t64), out)
         sigma = expand_like(proc.sigma(t64), out)
@@ -144,7 +227,10 @@ class VectorFieldProbe:
     __call__ = score
 
     def describe(self) -> dict[str, Any]:
-        """Everything that decides this probe's units, for reports."""
+        """Everything that decides this probe's units (and, for a conditional model, its conditions), for
+        reports."""
+        conditioning = self.conditioning
+        extra = {"conditioning": conditioning.describe()} if conditioning is not None else {}
         return {
             **self.info.to_dict(),
             "parameterization": self.parameterization,
@@ -155,4 +241,5 @@ class VectorFieldProbe:
             "dtype": str(self.dtype).replace("torch.", ""),
             "precision": self.precision,
             "device": str(self.device),
+            **extra,
         }

@@ -7,6 +7,8 @@ indexed by a *canonical time* t:
   α = e^{−t}, σ² = 1 − e^{−2t}; t is "OU time".
 * :class:`VEProcess` — variance exploding, α = 1; the canonical time *is* σ.
 * :class:`FlowProcess` — rectified flow / flow matching, α = 1 − t, σ = t.
+* :class:`SubVPProcess` — Song et al.'s sub-VP SDE: α = e^{−t}, σ = 1 − e^{−2t} (no square root), t the
+  same OU time as the VP SDE's.
 
 A :class:`TimeConvention` maps a model's native time (a DDPM index k, a VP-SDE time, σ itself) to and
 from canonical time. :class:`DiscreteSchedule` observes the OU process at t_k = −½ log ᾱ_k (Santos & Lin
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,7 +102,7 @@ class Process:
                 "choose time points strictly inside that range",
             )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "time": self.time_name}
 
 
@@ -181,11 +184,49 @@ class FlowProcess(Process):
         return (0.0, 1.0)
 
 
-PROCESSES: dict[str, type[Process]] = {"ou": OUProcess, "vp": OUProcess, "ve": VEProcess, "flow": FlowProcess}
+class SubVPProcess(Process):
+    """Song et al.'s sub-VP SDE, dx = −½β x ds + √(β(1 − e^{−2∫₀ˢβ})) dW, at t = ½∫₀ˢβ.
+
+    Its mean decays like the VP SDE's, α = e^{−t}, but its standard deviation is σ = 1 − e^{−2t} = 1 − α²
+    (score_sde's ``subVPSDE.marginal_prob``): below the OU process's √(1 − α²) at every t, so its marginals
+    are not the OU process's at any time. In t, f = −1 and g² = 2(1 − e^{−4t}).
+    """
+
+    name = "subvp"
+    time_name = "t"
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(-_t(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return -torch.expm1(-2 * _t(t))
+
+    def t_from_sigma(self, sigma: Tensor) -> Tensor:
+        return -0.5 * torch.log1p(-_t(sigma))
+
+    def dlog_alpha_dt(self, t: Tensor) -> Tensor:
+        return -torch.ones_like(_t(t))
+
+    def dsigma2_dt(self, t: Tensor) -> Tensor:
+        e = torch.exp(-2 * _t(t))
+        return 4 * e * (1 - e)
+
+    @property
+    def t_range(self) -> tuple[float, float]:
+        return (0.0, math.inf)
+
+
+PROCESSES: dict[str, type[Process]] = {
+    "ou": OUProcess,
+    "vp": OUProcess,
+    "ve": VEProcess,
+    "flow": FlowProcess,
+    "subvp": SubVPProcess,
+}
 
 
 def get_process(name: str) -> Process:
-    """A process by name: ``ou`` (alias ``vp``), ``ve`` or ``flow``."""
+    """A process by name: ``ou`` (alias ``vp``), ``ve``, ``flow`` or ``subvp``."""
     try:
         return PROCESSES[name.lower()]()
     except KeyError:
@@ -221,13 +262,18 @@ class TimeConvention:
     name = "canonical"
     discrete = False
 
+    @property
+    def num_steps(self) -> int | None:
+        """The number of native steps of a discrete schedule; None for continuous time."""
+        return None
+
     def to_canonical(self, native: Tensor) -> Tensor:
         return _t(native)
 
     def from_canonical(self, t: Tensor) -> Tensor:
         return _t(t)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name}
 
 
@@ -277,7 +323,7 @@ class DiscreteSchedule(TimeConvention):
         w = (t.reshape(-1) - grid[lo]) / (grid[hi] - grid[lo])
         return (lo + w.clamp(0, 1)).reshape(t.shape)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "num_steps": self.num_steps}
 
     @classmethod
@@ -338,5 +384,51 @@ class VPSDETime(TimeConvention):
         b = self.beta_min
         return (-b + torch.sqrt(b * b + 8 * a * t)) / (2 * a)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max}
+
+
+class SigmaLevels(TimeConvention):
+    """The N noise levels of a discretely trained score_sde VE model (SMLD / NCSN), canonical time σ.
+
+    score_sde's table is geometric from σ_max down to σ_min and its networks take the table index
+    i = 0 … N−1 (0 the noisiest). Native time here is k = N−1−i, counted from the clean end like a DDPM
+    index, so σ_k = σ_min (σ_max/σ_min)^{k/(N−1)}; fractional k interpolate log σ linearly, so
+    :meth:`from_canonical` inverts :meth:`to_canonical` exactly.
+    """
+
+    name = "sigma_levels"
+    discrete = True
+
+    def __init__(self, sigma_min: float, sigma_max: float, num_steps: int) -> None:
+        if not (0 < sigma_min < sigma_max) or num_steps < 2:
+            raise UsageError(
+                f"noise levels need 0 < sigma_min < sigma_max and at least 2 steps (got {sigma_min:g}, "
+                f"{sigma_max:g}, {num_steps})",
+                "pass the model's sigma_min, sigma_max and number of scales",
+            )
+        self.sigma_min, self.sigma_max, self._n = float(sigma_min), float(sigma_max), int(num_steps)
+
+    @property
+    def num_steps(self) -> int:
+        return self._n
+
+    def _log_ratio(self) -> float:
+        return math.log(self.sigma_max / self.sigma_min)
+
+    def to_canonical(self, native: Tensor) -> Tensor:
+        k = _t(native).to(torch.float64)
+        if bool(((k < 0) | (k > self._n - 1)).any()):
+            raise UsageError(f"noise level index out of range for {self._n} levels", f"use 0 … {self._n - 1}")
+        return self.sigma_min * torch.exp(k / (self._n - 1) * self._log_ratio())
+
+    def from_canonical(self, t: Tensor) -> Tensor:
+        return torch.log(_t(t).to(torch.float64) / self.sigma_min) / self._log_ratio() * (self._n - 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "num_steps": self._n,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+        }

@@ -1,9 +1,11 @@
-"""Seeded random streams keyed by position, so results do not depend on batching.
+"""Seeded random streams keyed by position, so the random inputs do not depend on batching.
 
 Each random object (one loop, one probe vector, one forward sample) draws from its own generator,
 seeded from the audit seed and the object's keys (diagnostic, time index, sample index). Streams are
-drawn on the CPU and moved to the target device once per object, so the same seed gives the same
-numbers on every device and for every batch size.
+drawn on the CPU and moved to the target device once per object, so the same seed gives the same draws,
+bit for bit, on every device, for every batch size, chunking, shard split and thread count. (What the
+model computes from them can differ by rounding between batch shapes: see
+:mod:`conservcheck.report.reproducibility`.)
 """
 
 from __future__ import annotations

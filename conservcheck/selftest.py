@@ -30,6 +30,7 @@ from conservcheck.batching import Batcher
 from conservcheck.diagnostics.curl import block_indices, curl_hutchinson, curl_subjacobian
 from conservcheck.diagnostics.loop_integral import loop_diagnostic
 from conservcheck.diagnostics.stein import stein_diagnostic
+from conservcheck.geometry.loops import rectangle
 from conservcheck.geometry.loops.rotation import RotationLoop
 from conservcheck.process import OUProcess
 from conservcheck.timepoints import TimePoint
@@ -87,6 +88,7 @@ def _checks_for(dtype: torch.dtype, device: torch.device) -> list[Check]:
         ("rotation", mixture, {"n_points": 256}),
         ("projection", mixture, {"n_points": 1024}),
         ("brownian", quadratic, {"n_points": 256}),
+        ("rectangle", mixture, {"n_points": 64}),
     ):
         ratio = float(loops(field, path, **kw)["circulation_ratio"].abs().max())
         out.append(Check(f"loop.{path}: |∮s·dy|/∮|s||dy| of a conservative field", label, ratio, FLOOR[dtype]))
@@ -96,6 +98,12 @@ def _checks_for(dtype: torch.dtype, device: torch.device) -> list[Check]:
     exact = 2 * math.pi * torch.einsum("bi,ij,bj->b", loop.b, linear.K, loop.a)
     err = float(((rot["circulation"] - exact).abs() / rot["abs_score_length"]).max())
     out.append(Check("loop.rotation: linear field vs 2π bᵀKa", label, err, FLOOR[dtype]))
+
+    rect = loops(linear, "rectangle", n_points=16)
+    ij = rectangle.planes(D, 3, time.key, list(range(len(x0))))
+    exact = time.sigma**2 * (linear.A[ij[:, 1], ij[:, 0]] - linear.A[ij[:, 0], ij[:, 1]])
+    err = float(((rect["circulation"] - exact).abs() / rect["abs_score_length"]).max())
+    out.append(Check("loop.rectangle: linear field vs h²(A_ji − A_ij)", label, err, FLOOR[dtype]))
 
     for strategy in ("jvp", "double_vjp", "fd"):
         floor = (CURL_FLOOR_FD if strategy == "fd" else CURL_FLOOR)[dtype]

@@ -46,7 +46,6 @@ from conservcheck.adapters.resolve import load_reference
 from conservcheck.analytic.reference_scores import resolve_reference
 from conservcheck.report.audit_report import AuditReport
 from conservcheck.report.plots import plot_report
-from conservcheck.report.verdict import not_resolved
 
 #: Stein reference for the funnel model: its exact score (Neal's funnel, n = D − 1, scale 3).
 FUNNEL_REFERENCE = "funnel"
@@ -87,14 +86,13 @@ def funnel_data(folder: pathlib.Path, probe, n: int, seed: int) -> str:
 
 def numbers_table(report: AuditReport, title: str) -> str:
     """Markdown: median of each headline metric per variant and time point, the control's median in brackets,
-    and † on a cell whose check could not resolve the diagnostic (:func:`conservcheck.report.verdict.not_resolved`)."""
+    and † on a cell whose check is not resolved at the audit's node count (status ``unresolved``)."""
     s = report.summary(field=None)
     s = s[s["status"] == "ok"]
     opts = report.header["options"]
     nodes = ", ".join(f"{path} {n}" for path, n in (opts.get("loop_points") or {}).items())
-    verdict = report.verdict
     unresolved = {
-        (c["diagnostic"], c["variant"], c["time_key"]) for c in verdict.checks if not_resolved(c, verdict.rule)
+        (c["diagnostic"], c["variant"], c["time_key"]) for c in report.verdict.checks if c["status"] == "unresolved"
     }
     lines = [
         f"## {title}",

@@ -16,8 +16,18 @@ Deterministic on CPU for a given seed, thread count and torch version (the defau
 A sample grid from the trained model (1,000 ancestral DDPM steps) is written to ``--samples`` (a
 temporary folder by default).
 
+Conservativity while training: with ``--metric-every N`` the EMA network is measured every N steps with
+:class:`conservcheck.metrics.ConservativityMetric` (rotation loops, the scale-free |∮ s·dy| / ∮|s||dy|) on a
+fixed set of digits, so every evaluation uses the very same loops and successive values show how the
+network changed. With ``--tensorboard DIR`` the loss and the metric (per time point and over all) are
+logged to TensorBoard (``tensorboard --logdir DIR``), and ``--curve PNG`` reads the logged metric back from
+the event file and draws it. The metric draws from its own keyed random streams, so turning it on does not
+change the training run (the ``train`` extra has what it needs).
+
     python examples/train_digits.py                       # the shipped model's recipe, into out/digits-ddpm
     python examples/train_digits.py --steps 20 --eval-draws 1 --samples ''   # seconds
+    python examples/train_digits.py --steps 600 --metric-every 50 --tensorboard out/runs/digits \
+        --curve out/conservativity.png --out out/digits-tracked
     python examples/train_digits.py --out conservcheck/assets/digits-ddpm --replace-shipped   # regenerate it
 """
 
@@ -50,6 +60,10 @@ UNET_CONFIG = dict(
     norm_num_groups=8,
     attention_head_dim=8,
 )
+#: The units of the network's output, for ConservativityMetric (ε-prediction, DDPM's linear 1000-step β).
+DECLARATION = dict(parameterization="epsilon", process="ou", time_convention="linear", sample_shape=(1, 16, 16))
+#: Arguments that only observe the run (they change no weight), left out of training.json.
+TRACKING = ("metric_every", "metric_samples", "metric_points", "metric_times", "tensorboard", "curve")
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_schedule="linear",
@@ -93,6 +107,7 @@ def train(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(data), generator=gen)
     cursor, losses, log = 0, [], []
+    tracker = Tracker(args, data) if args.metric_every or args.tensorboard else None
     start = time.perf_counter()
     for step in range(args.steps):
         if cursor + args.batch_size > len(data):
@@ -114,11 +129,15 @@ def train(args: argparse.Namespace) -> dict:
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
         losses.append(loss.item())
+        if tracker is not None:
+            tracker.step(step + 1, loss.item(), ema)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             mean = float(np.mean(losses[-args.log_every :]))
             log.append({"step": step + 1, "loss": mean, "seconds": round(time.perf_counter() - start, 1)})
             print(f"step {step + 1:5d}  loss {mean:.4f}  {time.perf_counter() - start:7.1f} s", flush=True)
     train_seconds = time.perf_counter() - start
+    if tracker is not None:
+        tracker.close()
     final_loss = evaluate_loss(ema, data, sqrt_ab, sqrt_1m_ab, args.seed, args.eval_draws)
     print(f"EMA model: ε-loss on all digits, {args.eval_draws} noise draws each: {final_loss:.4f}", flush=True)
 
@@ -127,7 +146,7 @@ def train(args: argparse.Namespace) -> dict:
     pipe.save_pretrained(str(out), safe_serialization=True)
     record = {
         "script": "examples/train_digits.py",
-        "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "samples", "replace_shipped")},
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("out", "samples", "replace_shipped", *TRACKING)},
         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
         "parameters": sum(p.numel() for p in ema.parameters()),
         "scheduler": SCHEDULER_CONFIG,
@@ -136,6 +155,7 @@ def train(args: argparse.Namespace) -> dict:
         "final_train_loss": log[-1]["loss"],
         "ema_eval_loss": final_loss,
         "train_seconds": round(train_seconds, 1),
+        **({"conservativity_log": tracker.log} if tracker is not None and tracker.log else {}),
         "versions": {
             "torch": torch.__version__,
             "diffusers": __import__("diffusers").__version__,
@@ -147,6 +167,90 @@ def train(args: argparse.Namespace) -> dict:
     if args.samples:
         write_samples(pipe, pathlib.Path(args.samples), args.seed)
     return record
+
+
+class Tracker:
+    """The loss and ConservativityMetric of the EMA network every ``--metric-every`` steps, to TensorBoard."""
+
+    def __init__(self, args: argparse.Namespace, data: torch.Tensor) -> None:
+        self.every = args.metric_every
+        self.log: list[dict] = []
+        self.writer = None
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(args.tensorboard)
+        if self.every:
+            from conservcheck.metrics import ConservativityMetric
+
+            times = [int(k) for k in args.metric_times.split(",")]
+            self.metric = ConservativityMetric(
+                paths="rotation",
+                time_points=times,
+                seed=args.seed,
+                n_points=args.metric_points,
+                declaration=DECLARATION,
+            )
+            # The first digits, always the same: every evaluation measures the same loops.
+            self.x0 = data[: args.metric_samples]
+
+    def step(self, step: int, loss: float, model: torch.nn.Module) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, step)
+        if not self.every or step % self.every:
+            return
+        self.metric.reset()
+        self.metric.update(model, self.x0)
+        values = {k: float(v) for k, v in self.metric.compute().items()}
+        self.log.append({"step": step, **values})
+        headline = "loop.rotation.abs_circulation_ratio"
+        print(f"step {step:5d}  {headline} {values[headline]:.3g}", flush=True)
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"conservativity/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def logged_scalars(logdir: str | pathlib.Path, prefix: str = "conservativity/") -> dict[str, list[tuple[int, float]]]:
+    """Every scalar under ``prefix`` in a TensorBoard log folder, read back from its event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag[len(prefix) :]: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith(prefix)
+    }
+
+
+def plot_curve(logdir: str | pathlib.Path, path: pathlib.Path) -> None:
+    """The logged |∮ s·dy| / ∮|s||dy| against the training step, one line per time point (read back from the
+    event file), as a PNG."""
+    from matplotlib.figure import Figure
+
+    series = logged_scalars(logdir)
+    headline = "loop.rotation.abs_circulation_ratio"
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for tag, points in sorted(series.items(), key=lambda kv: (kv[0] != headline, kv[0])):
+        if not tag.startswith(headline):
+            continue
+        steps, values = zip(*points)
+        label = "all time points" if tag == headline else tag.split("/", 1)[1]
+        ax.plot(steps, values, marker="o", ms=3, lw=2.2 if tag == headline else 1, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("median |∮ s·dy| / ∮|s||dy|  (rotation loops)")
+    ax.set_title("digits DDPM (EMA): conservativity during training, from TensorBoard", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, metadata={"Software": None})
+    print(f"curve written to {path}", flush=True)
 
 
 @torch.no_grad()
@@ -209,10 +313,21 @@ def main() -> None:
         default=str(pathlib.Path(tempfile.gettempdir()) / "conservcheck-digits.png"),
         help="PNG of 64 samples ('' for none)",
     )
+    parser.add_argument("--metric-every", type=int, default=0, help="measure conservativity every N steps (0: off)")
+    parser.add_argument("--metric-samples", type=int, default=16, help="digits the metric measures (the first N)")
+    parser.add_argument("--metric-points", type=int, default=64, help="nodes per rotation loop")
+    parser.add_argument("--metric-times", default="10,100,250,500,750,990", help="time indices k, comma-separated")
+    parser.add_argument("--tensorboard", default=None, help="TensorBoard log folder for the loss and the metric")
+    parser.add_argument("--curve", default=None, help="PNG of the logged metric, read back from --tensorboard")
     args = parser.parse_args()
-    require("examples/train_digits.py", "train", "sklearn")
+    if args.curve and not (args.tensorboard and args.metric_every):
+        parser.error("--curve draws what --tensorboard logged: pass --tensorboard DIR and --metric-every N")
+    tracking = ["torchmetrics"] * bool(args.metric_every) + ["tensorboard"] * bool(args.tensorboard)
+    require("examples/train_digits.py", "train", "sklearn", *tracking, *["matplotlib"] * bool(args.curve))
     args.out = str(output_folder(args.out, args.replace_shipped))
     train(args)
+    if args.curve:
+        plot_curve(args.tensorboard, pathlib.Path(args.curve))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ not sample quality.
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
-import os
+import math
 import pathlib
-import shutil
+import sys
 
 import pytest
 import torch
@@ -170,34 +170,34 @@ def latent_folder(tmp_path_factory):
     return make
 
 
+def published_checkpoints():
+    """``examples/published_checkpoints.py`` as a module: the published repositories' layouts and configs,
+    and the hub-cache writer (:func:`add_to_cache`)."""
+    name = "published_checkpoints"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.fixture
 def hub_cache(tmp_path):
     """Factory: ``hub_cache(repo_id, source, commit, refs=("main",))`` → cache dir (tmp_path / "hub").
 
-    Writes the Hugging Face cache layout huggingface_hub itself produces:
-    ``models--owner--name/blobs/<sha256>`` holding each file's bytes, ``snapshots/<commit>/<path>``
-    symbolic links to those blobs (plain copies where the platform has no symlinks) and
-    ``refs/<ref>`` files holding the commit hash.
+    Writes the Hugging Face cache layout huggingface_hub itself produces
+    (``published_checkpoints.add_to_cache``): ``models--owner--name/blobs/<sha256>`` holding each file's
+    bytes, ``snapshots/<commit>/<path>`` symbolic links to those blobs (plain copies where the platform has
+    no symlinks) and ``refs/<ref>`` files holding the commit hash. ``source`` is a folder or a mapping of
+    repository paths to bytes.
     """
     cache = tmp_path / "hub"
+    module = published_checkpoints()
 
-    def add(repo_id: str, source: pathlib.Path, commit: str, refs: tuple[str, ...] = ("main",)) -> pathlib.Path:
-        repo = cache / ("models--" + repo_id.replace("/", "--"))
-        blobs, snap = repo / "blobs", repo / "snapshots" / commit
-        blobs.mkdir(parents=True, exist_ok=True)
-        for src in sorted(p for p in source.rglob("*") if p.is_file()):
-            data = src.read_bytes()
-            blob = blobs / hashlib.sha256(data).hexdigest()
-            blob.write_bytes(data)
-            dst = snap / src.relative_to(source)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.symlink(os.path.relpath(blob, dst.parent), dst)
-            except OSError:
-                shutil.copyfile(blob, dst)
-        for ref in refs:
-            (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-            (repo / "refs" / ref).write_text(commit)
+    def add(repo_id: str, source, commit: str, refs: tuple[str, ...] = ("main",)) -> pathlib.Path:
+        module.add_to_cache(cache, repo_id, source, commit, refs)
         return cache
 
     return add
@@ -262,3 +262,157 @@ def audit_end_to_end(tmp_path):
         return data
 
     return run
+
+
+def _injected_error_module():
+    """examples/ci/injected_error.py (the checkpoint with an injected rotation) as a module."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "ci" / "injected_error.py"
+    spec = importlib.util.spec_from_file_location("injected_error", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The settings of the real audits the baseline, CI and HTML tests compare: rotation loops on the embedded
+#: funnel (an MLP, seconds on a CPU), 16 samples of 32 nodes at the default six time points.
+FUNNEL_AUDIT = dict(paths="rotation", curl="none", n_samples=16, n_points=32)
+
+
+@pytest.fixture(scope="session")
+def funnel_reports(tmp_path_factory):
+    """Real JSON reports: ``seed0`` and ``seed1`` of the embedded funnel, ``injected`` of the funnel with an
+    injected non-conservative error (examples/ci/injected_error.py), seed 0; all with :data:`FUNNEL_AUDIT`."""
+    folder = tmp_path_factory.mktemp("funnel-reports")
+    cache = folder / "cache"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        paths = {}
+        for name, model, seed in (
+            ("seed0", "embedded:funnel", 0),
+            ("seed1", "embedded:funnel", 1),
+            ("injected", _injected_error_module().funnel_rotated(), 0),
+        ):
+            report = conservcheck.audit(model, seed=seed, cache_dir=str(cache), **FUNNEL_AUDIT)
+            paths[name] = folder / f"{name}.json"
+            report.to_json(paths[name])
+    finally:
+        torch.set_num_threads(before)
+    return paths
+
+
+# ------------------------------------------------------------------------------------ reproducibility
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """Run a test under 1 and under 2 intra-op threads, then restore the setting.
+
+    Kernels choose their blocking, and reductions their split, by shape and by thread count: a
+    batch-invariance or shard test run under both shows a shape- or thread-dependent kernel on any
+    machine with two cores, not only on the one whose default happens to expose it.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+#: Counts and indices beside a number say nothing about its scale.
+COUNTS = frozenset({"sample", "time_index", "index", "n", "n_points", "n_evals"})
+
+
+def _floats_outside(a, b, tol, scale: float, where: str, out: list[str], ctx: dict) -> None:
+    """Collect the places where JSON values a, b differ beyond ``tol`` (see :func:`assert_reproducible`)."""
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (dict, list, float)):
+        if a != b:
+            out.append(f"{where}: {a!r} vs {b!r}")
+        return
+    if isinstance(a, float) or isinstance(b, float):
+        if not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
+            out.append(f"{where}: {a!r} vs {b!r}")
+        elif a != b and not tol.allows(float(a), float(b), scale):
+            out.append(f"{where}: {a!r} vs {b!r} (allowed ±{tol.bound(float(a), scale):.2g})")
+        return
+    if type(a) is not type(b) or len(a) != len(b) or (isinstance(a, dict) and a.keys() != b.keys()):
+        out.append(f"{where}: {str(a)[:120]} vs {str(b)[:120]}")
+        return
+    items = list(a.items()) if isinstance(a, dict) else list(enumerate(a))
+    if isinstance(a, dict) and "diagnostic" in a:
+        # A row, summary row, unit or check of one unit: the tolerance of that unit's Jacobian strategy.
+        unit = (a.get("field", "model"), a["diagnostic"], a.get("variant"), a.get("time_key"))
+        tol = ctx["tolerance"](ctx["strategy"].get(unit))
+    # A number's rounding noise is relative to the numbers it is computed from: a conservative field's
+    # signed circulation is noise of the size of ∮|s||dy| · 2^-52, not of its own size. Its row (or dict)
+    # holds those numbers; a scale-free headline metric keeps atol as it is (scale 1).
+    numbers = [
+        abs(v)
+        for k, v in items
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k not in COUNTS
+    ]
+    inner = max([1.0, *numbers])
+    headline = ctx["headline"]
+    is_summary_row = isinstance(a, dict) and a.get("metric") in headline
+    for k, v in items:
+        own = 1.0 if (is_summary_row or k in headline) else inner
+        _floats_outside(v, b[k], tol, own, f"{where}.{k}" if where else str(k), out, ctx)
+
+
+def assert_reproducible(a, b, precision: str = "fp64", scale=1.0, strategy: str | None = None) -> None:
+    """Assert that ``b`` is ``a`` within the documented reproducibility tolerance.
+
+    For two computations of the same numbers with different batch sizes, loop chunkings, shard splits or
+    thread counts (conservcheck.report.reproducibility, docs/report.md#reproducibility): kernels then sum
+    in a different order, so the promise is |a − b| ≤ rtol · |a| + atol · scale with the (rtol, atol) of
+    ``precision`` — divided by the finite-difference step for ``strategy="fd"`` — not equality. ``scale``
+    (a number or a tensor broadcasting against ``a``) is the magnitude the values are rounding noise of:
+    1 for a scale-free metric, ∮|s||dy| for a circulation.
+
+    ``a`` and ``b`` are tensors / arrays (compared element-wise), or report dicts (``AuditReport.to_dict()``
+    without ``run``): every non-float value must be equal, the headline metrics (per-sample columns and
+    their summary rows and checks) must meet the promise as it is stated, with each curl unit's own
+    Jacobian strategy, and every other number must meet it with atol relative to the largest number of
+    its row.
+    """
+    from conservcheck import diagnostics
+    from conservcheck.report.reproducibility import tolerance
+
+    if isinstance(a, dict):
+        ctx = {
+            "headline": frozenset(m for spec in diagnostics.registered().values() for m in spec.headline.values()),
+            "strategy": {
+                (u["field"], u["diagnostic"], u["variant"], u["time_key"]): u.get("meta", {}).get("strategy")
+                for u in a.get("units", [])
+            },
+            "tolerance": lambda s: tolerance(precision, s),
+        }
+        rows = []
+        a, b = dict(a), dict(b)
+        if "rows" in a and "rows" in b and "columns" in a["rows"]:
+            # Per-sample rows: a dict per row, so a headline column is found by its name.
+            cols = a["rows"]["columns"]
+            if len(a["rows"]["data"]) != len(b["rows"]["data"]) or cols != b["rows"]["columns"]:
+                raise AssertionError(f"rows differ in shape: {len(a['rows']['data'])} vs {len(b['rows']['data'])}")
+            rows = [
+                (i, dict(zip(cols, ra)), dict(zip(cols, rb)))
+                for i, (ra, rb) in enumerate(zip(a["rows"]["data"], b["rows"]["data"]))
+            ]
+            a.pop("rows"), b.pop("rows")
+        out: list[str] = []
+        _floats_outside(a, b, tolerance(precision), 1.0, "", out, ctx)
+        for i, ra, rb in rows:
+            _floats_outside(ra, rb, tolerance(precision), 1.0, f"rows[{i}]", out, ctx)
+        assert not out, f"{len(out)} values differ beyond the {precision} tolerance: " + "; ".join(out[:5])
+        return
+    tol = tolerance(precision, strategy)
+    ta, tb = torch.as_tensor(a), torch.as_tensor(b)
+    assert ta.shape == tb.shape and ta.dtype == tb.dtype, f"{ta.shape} {ta.dtype} vs {tb.shape} {tb.dtype}"
+    dev = (ta.double() - tb.double()).abs()
+    allowed = tol.rtol * ta.double().abs() + tol.atol * torch.as_tensor(scale, dtype=torch.float64)
+    bad = ~((dev <= allowed) | (ta == tb) | (ta.isnan() & tb.isnan()))
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} of {ta.numel()} values differ beyond the {precision} tolerance "
+        f"(largest deviation {float(dev.max()):.3g}, allowed there {float(allowed[bad].min()):.3g})"
+    )

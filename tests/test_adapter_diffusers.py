@@ -54,8 +54,12 @@ def test_detect_pipeline_and_bare_unet_folders(ddpm_folder, tmp_path):
     (tmp_path / "vaepipe").mkdir()
     for sub in ("unet", "scheduler", "vae"):
         shutil.copytree(pipe / ("unet" if sub == "vae" else sub), tmp_path / "vaepipe" / sub)
-    shutil.copy(pipe / "model_index.json", tmp_path / "vaepipe")
+    index = json.loads((pipe / "model_index.json").read_text())
+    (tmp_path / "vaepipe" / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
     assert not diffusers_unet.detect(tmp_path / "vaepipe")  # latent pipelines belong to the latent adapter
+    # model_index.json decides the components, as for diffusers: a stray vae/ folder is not one
+    shutil.copy(pipe / "model_index.json", tmp_path / "vaepipe")
+    assert diffusers_unet.detect(tmp_path / "vaepipe")
 
 
 def test_flow_matching_scheduler_is_left_to_the_flow_adapter(ddpm_folder, tmp_path):
@@ -281,7 +285,7 @@ def test_pickled_bin_weights_load_with_weights_only(ddpm_folder, tmp_path):
     assert probe.info.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     x = _x()
     with torch.no_grad():
-        assert torch.equal(probe.score(x, 0.3), ref.score(x, 0.3))
+        assert torch.equal(probe.score(x, 0.3), ref.score(x, 0.3))  # same weights, same batch: same bits
 
 
 def test_pickle_needing_arbitrary_code_requires_trust(ddpm_folder, tmp_path):
@@ -301,7 +305,7 @@ def test_pickle_needing_arbitrary_code_requires_trust(ddpm_folder, tmp_path):
     ref = diffusers_unet.load(ddpm_folder(), dtype=F64)
     x = _x()
     with torch.no_grad():
-        assert torch.equal(probe.score(x, 0.3), ref.score(x, 0.3))
+        assert torch.equal(probe.score(x, 0.3), ref.score(x, 0.3))  # same weights, same batch: same bits
 
 
 # ---------------------------------------------------------------------------------------------------

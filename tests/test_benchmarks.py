@@ -24,3 +24,15 @@ def test_benchmark_help_lists_the_shared_options(script):
     assert out.returncode == 0, out.stderr
     missing = [flag for flag in SHARED if flag not in out.stdout]
     assert missing == [], f"{script} --help lacks {missing}"
+
+
+def test_reproducibility_benchmark_parses_its_options():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_reproducibility.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=BENCH,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert all(flag in out.stdout for flag in ("--fields", "--precisions", "--device", "--json"))

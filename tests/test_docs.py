@@ -184,3 +184,13 @@ def test_three_line_recipe_gives_the_exact_score(tmp_path, monkeypatch):
         err = float((probe.score(x, torch.full((4,), t, dtype=torch.float64)) - exact).norm() / exact.norm())
         # measured 1e-16 (float64 rounding): the recipe's units give exactly the score
         assert err < 1e-12, (k, err)
+
+
+def test_api_example_runs():
+    """The example of docs/api.md runs as written and gives one finite ratio per loop in [0, 1]."""
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/api.md", "exec"), scope)
+    ratio = scope["res"].values["circulation_ratio"].abs()
+    assert ratio.shape == (8,) and bool(((ratio >= 0) & (ratio <= 1)).all())

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 from test_adapter_edm import EDMPrecond, Touch, _write_pickle
-from test_adapter_score_sde import TINY, write_checkpoint
+from test_adapter_score_sde import write_checkpoint
+from test_networks_score_sde import NETS
 from test_references import _HubErrors
 from typer.testing import CliRunner
 
@@ -300,8 +301,8 @@ def test_unreadable_scheduler_config(model, cache):
     folder = model()
     (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
     assert fails(folder, cache=cache) == (
-        f"{folder / 'scheduler' / 'scheduler_config.json'} is not a JSON object (re-save the "
-        "scheduler with save_pretrained)"
+        f"{folder / 'scheduler' / 'scheduler_config.json'} is not a JSON object: the noise schedule decides the "
+        "model's units (download the model again, or save the training scheduler there (save_pretrained))"
     )
 
 
@@ -396,7 +397,9 @@ def test_trusted_pickle_loads_and_the_report_says_so(model, tmp_path, cache):
 
 
 def test_score_sde_checkpoint_that_needs_code(tmp_path, cache):
-    path, _, _ = write_checkpoint(tmp_path / "sde", TINY, extra={"args": argparse.Namespace(lr=1e-4)})
+    path, _, _ = write_checkpoint(
+        tmp_path / "sde", NETS["ncsnpp_cifar10_ve"], extra={"args": argparse.Namespace(lr=1e-4)}
+    )
     assert fails(path, cache=cache) == (
         f"{path.name} needs arbitrary unpickling (argparse.Namespace), which can run code ({TRUST_HINT})"
     )
@@ -406,8 +409,9 @@ def test_edm_network_pickle(tmp_path, cache):
     marker = tmp_path / "code-ran"
     path = _write_pickle(tmp_path / "net", {"ema": EDMPrecond(), "loss_fn": Touch(marker)})
     assert fails(path, cache=cache) == (
-        f"{path.name} is a pickled network: loading it runs code from the file "
-        "(pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source)"
+        f"{path.name} is a pickled network: loading it runs code from the file (the network source that "
+        "torch_utils.persistence embeds) (pass trust_remote_code=True (CLI: --trust-remote-code) if you trust "
+        "its source, with NVlabs/edm's repository on PYTHONPATH for its torch_utils and dnnlib)"
     )
     assert not marker.exists()
 
@@ -442,7 +446,7 @@ HINT = "pass a folder of images, an .npy/.npz/.pt array, or a .parquet/.csv/.jso
             "shape.npy",
             lambda p: np.save(p, np.zeros((4, 3))),
             "{p} holds samples of shape (3,), the model expects (2,) (save the samples as [N, "
-            "*sample_shape], [N, H, W, C] or [N, D])",
+            "*sample_shape], [N, H, W, C] or [N, D] (arrays are never resized))",
         ),
         (
             "range.npy",

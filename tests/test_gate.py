@@ -155,3 +155,28 @@ def test_junit_xml_one_case_per_condition(report, tmp_path):
     assert failure is not None and "at k=500 = 0.2 > 0.05" in failure.text
     assert cases[1].find("failure") is None
     assert junit_xml(results, report).startswith('<?xml version="1.0"')
+
+
+def test_a_time_typed_as_printed_names_its_time_point():
+    """The tables print t = 0.0204081… as t=0.02041: typed back, it names that time point (it was refused by
+    a message listing t=0.02041 as available); a value that rounds to two time points is refused."""
+    t1, t2 = 1 / 49, 0.02043
+    units = []
+    for key, t, v in (("a", t1, 0.5), ("b", t2, 0.1)):
+        unit = _unit("rotation", 0, {"abs_circulation_ratio": [v] * 3})
+        unit["time"] = {"key": key, "index": None, "t": t, "sigma": math.sqrt(-math.expm1(-2 * t)), "alpha": 1.0}
+        units.append(unit)
+    header = {
+        "model": {"name": "m", "precision": "fp32"},
+        "process": {"name": "ou", "time": "t"},
+        "options": {"seed": 0},
+        "time_points": [u["time"] for u in units],
+        "problems": [],
+        "complete": True,
+    }
+    rep = AuditReport.from_units(header, units)
+    assert rep.time_label("a") == "t=0.02041"
+    assert evaluate(parse("loop.rotation.abs_circulation_ratio.median > 0.2 at t=0.02041"), rep).holds
+    assert not evaluate(parse("loop.rotation.abs_circulation_ratio.median > 0.2 at t=0.02043"), rep).holds
+    with pytest.raises(UsageError, match=r"t=0.0204 matches 2 time points \(t=0.02041, t=0.02043\)"):
+        evaluate(parse("loop.rotation.abs_circulation_ratio.median > 0.2 at t=0.0204"), rep)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_reproducible
 
 from conservcheck import DiscreteSchedule, OUProcess, VectorFieldProbe
 from conservcheck.analytic.fields import LinearField, gradient_field
@@ -153,12 +154,16 @@ def test_hutchinson_divergence_within_its_error_of_the_exact_trace(strategy):
     assert float((se**2 * n).mean() / var.mean()) == pytest.approx(1.0, abs=0.15)
 
 
-def test_hutchinson_divergence_is_keyed_per_sample():
+def test_hutchinson_divergence_is_keyed_per_sample(torch_threads):
     x = _x(6, seed=2)
     keys = [("div", i) for i in range(6)]
     full = divergence_hutchinson(field, x, T, n_probes=5, seed=4, keys=keys, strategy="jvp")
     part = divergence_hutchinson(field, x[3:], T, n_probes=5, seed=4, keys=keys[3:], strategy="jvp")
-    assert torch.equal(full[0][3:], part[0]) and torch.equal(full[1][3:], part[1])
+    # The probes are keyed per sample (bit-identical: tests/test_paths.py), but the field's ``x @ Wᵀ`` may
+    # run another BLAS kernel for 3 rows than for 6: the float64 tolerance (docs/report.md#
+    # reproducibility), vᵀJv being a sum of D = 6 products of O(1) Jacobian entries (scale 1).
+    assert_reproducible(full[0][3:], part[0], "fp64")
+    assert_reproducible(full[1][3:], part[1], "fp64")
     # The same probes under another AD strategy: the same numbers to rounding.
     other = divergence_hutchinson(field, x, T, n_probes=5, seed=4, keys=keys, strategy="double_vjp")
     assert (other[0] - full[0]).abs().max() < 1e-13

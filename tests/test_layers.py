@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
             "precision",
             "process",
             "parameterization",
+            "conditioning",
             "probe",
             "contract",
             "batching",
@@ -53,9 +54,10 @@ LAYERS: dict[str, int] = {
     "report": 4,
     # the audit (options, plan, units, journal, merge) and the known-answer self-test
     "runner": 5,
-    # what users run
+    # what users run: the command line, and the streaming metric for training loops
     "selftest": 5,
     "cli": 6,
+    "metrics": 6,
     "__init__": 7,
 }
 #: Within the core, the order in which its modules may import each other.
@@ -70,6 +72,7 @@ CORE_ORDER = [
     "precision",
     "process",
     "parameterization",
+    "conditioning",
     "probe",
     "contract",
     "batching",

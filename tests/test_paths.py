@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conservcheck import OUProcess, VEProcess
+from conservcheck.diagnostics.curl import block_indices
 from conservcheck.errors import UsageError
 from conservcheck.geometry import loops
+from conservcheck.geometry.jacobian import rademacher_probes
 from conservcheck.geometry.loops import make_loops
 from conservcheck.geometry.loops.brownian import brownian_bridge, brownian_loops
 from conservcheck.geometry.loops.projection import ProjectionLoop, projection_loops, shell_radius
@@ -132,7 +134,8 @@ def test_brownian_bridge_law_and_nesting():
     inc = torch.diff(torch.cat([x, x[:1]]), dim=0)
     h = u_max / n
     assert torch.all((inc.var(dim=1) / (h * (1 - h / u_max)) - 1).abs() < 5 * 0.0224)
-    # Midpoint refinement: the bridge at N is every second node of the bridge at 2N.
+    # Midpoint refinement: the bridge at N is every second node of the bridge at 2N (the same draws and
+    # the same element-wise levels on the CPU: the same bits).
     assert torch.equal(brownian_bridge((dim,), 2 * n, u_max, 0, "test")[::2], x)
     assert torch.equal(brownian_bridge((3,), 1000, u_max, 0, "k")[::2], brownian_bridge((3,), 500, u_max, 0, "k"))
 
@@ -146,7 +149,10 @@ def test_brownian_loop_starts_at_x_t():
 
 
 @pytest.mark.parametrize("path", list(PATH_RULES))
-def test_loops_are_keyed_by_sample_index(path):
+def test_loops_are_keyed_by_sample_index(path, torch_threads):
+    # The loops are the audit's random inputs: drawn per sample from keyed streams and built with
+    # element-wise arithmetic and per-node norms, so they are bit-identical for any split of x0 (the
+    # promise of docs/report.md#reproducibility), under 1 and 2 threads alike.
     x0 = _x0(5)
     for rule in PATH_RULES[path]:
         full = make_loops(path, x0, TIME, 11, n_points=24, rule=rule, n_vertices=4)
@@ -167,11 +173,33 @@ def test_loops_are_keyed_by_sample_index(path):
         assert not torch.allclose(other_time.points, full.points)
 
 
+def test_random_inputs_are_bit_identical_for_any_batching(torch_threads):
+    """The draws every diagnostic starts from — forward noise, curl index sets, Rademacher probes — do not
+    depend on which other samples are drawn with them: exactly the same bits for any split."""
+    x0 = _x0(6)
+    whole = forward_samples(x0, TIME, 5)
+    parts = [
+        forward_samples(x0[:1], TIME, 5),
+        forward_samples(x0[1:4], TIME, 5, start=1),
+        forward_samples(x0[4:], TIME, 5, start=4),
+    ]
+    for i in range(2):
+        assert torch.equal(torch.cat([p[i] for p in parts]), whole[i])
+    sets = block_indices(30, 8, 5, TIME.key, list(range(6)))
+    assert torch.equal(block_indices(30, 8, 5, TIME.key, [4, 1]), sets[[4, 1]])
+    keys = [("stein", TIME.key, i) for i in range(6)]
+    probes = rademacher_probes((2, 3), 4, 5, keys, dtype=F64)
+    assert torch.equal(rademacher_probes((2, 3), 4, 5, keys[3:], dtype=F64), probes[:, 3:])
+    assert not torch.equal(rademacher_probes((2, 3), 4, 6, keys, dtype=F64), probes)
+
+
 def test_node_counts_and_nesting_under_doubling():
     x0 = _x0(2, (6,))
     assert rotation_loops(x0, TIME, 0, n_points=15).n_points == 16
     assert projection_loops(x0, TIME, 0, n_points=1000, n_vertices=8).n_points == 1008  # 126 per edge
     assert projection_loops(x0, TIME, 0, n_points=16, n_vertices=3).n_points == 18
+    # Every second node of 2N is a node of N: the same parameter (k/N = 2k/2N, each correctly rounded) through
+    # the same element-wise formulas, per node — the same bits, which nested refinement relies on.
     for path in PATH_RULES:
         for rule in PATH_RULES[path]:
             a = make_loops(path, x0, TIME, 0, n_points=32, rule=rule, n_vertices=4)

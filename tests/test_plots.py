@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from conservcheck.report import AuditReport
-from conservcheck.report.verdict import FLOOR_FACTOR, not_resolved
 
 pytest.importorskip("matplotlib")
 from conservcheck.report.plots import _time_figure, plot_report  # noqa: E402
@@ -64,14 +63,18 @@ def _report():
     return AuditReport.from_units(header, units)
 
 
-def test_not_resolved_means_a_discretisation_floor_the_value_does_not_clear():
-    rule = {"factor": FLOOR_FACTOR, "precision_floor": 1e-6}
-    check = {"status": "pass", "median": 3e-4, "floor": 2.1e-4}
-    assert not_resolved(check, rule)  # the quadrature floor 210× the precision floor, the value within 10×
-    assert not not_resolved({**check, "floor": 1e-6}, rule)  # at the rounding level: a resolved pass
-    assert not not_resolved({**check, "status": "violation", "median": 3e-2}, rule)
-    assert not_resolved({"status": "not resolved"}, rule)
-    assert not not_resolved({"status": "invalid", "median": None, "floor": None}, rule)
+def test_a_pass_over_a_discretisation_floor_is_not_resolved():
+    """The Brownian loops whose quadrature error is the size of their value (k=10, k=100) are not resolved;
+    where the quadrature error is 300× below the value (k=500, k=990, and every rotation loop) the value,
+    300× the precision floor, is a violation."""
+    checks = {(c["variant"], c["time_key"]): c["status"] for c in _report().verdict.checks if c["diagnostic"] == "loop"}
+    assert checks == {
+        **{("rotation", f"k{k}"): "violation" for k in KEYS},
+        ("brownian", "k10"): "unresolved",
+        ("brownian", "k100"): "unresolved",
+        ("brownian", "k500"): "violation",
+        ("brownian", "k990"): "violation",
+    }
 
 
 def test_curl_on_a_log_axis_with_its_exactly_zero_control_on_the_bottom_edge():
@@ -90,7 +93,7 @@ def test_curl_on_a_log_axis_with_its_exactly_zero_control_on_the_bottom_edge():
 
 def test_unresolved_points_are_drawn_open_and_resolved_ones_filled():
     report = _report()
-    unresolved = {(c["variant"], c["time_key"]) for c in report.verdict.checks if not_resolved(c, report.verdict.rule)}
+    unresolved = {(c["variant"], c["time_key"]) for c in report.verdict.checks if c["status"] == "unresolved"}
     assert unresolved == {("brownian", "k10"), ("brownian", "k100")}
     ax = _time_figure(report, "loop", "abs_circulation", "|∮ s·dy|", True).axes[0]
     open_ = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white" and len(ln.get_xdata())]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_reproducible
 
 from conservcheck import OUProcess, ProbeContractError, UsageError, VectorFieldProbe
 from conservcheck.analytic.fields import GaussianMixture, as_probe
@@ -25,7 +26,7 @@ def test_unknown_parameterization():
         VectorFieldProbe(lambda x, t: x, sample_shape=(3,), parameterization="noise")
 
 
-def test_engine_results_do_not_depend_on_batch_size():
+def test_engine_results_do_not_depend_on_batch_size(torch_threads):
     g = torch.Generator().manual_seed(0)
     mix = GaussianMixture(torch.randn(3, 4, generator=g), 0.7)
     probe = as_probe(mix, (4,), mix.process)
@@ -33,7 +34,12 @@ def test_engine_results_do_not_depend_on_batch_size():
     t = torch.rand(37, generator=g, dtype=torch.float64) + 0.1
     a = evaluate(probe, x, t, batch_size=5)
     b = evaluate(probe, x, t, batcher=Batcher(64))
-    assert torch.equal(a, b)
+    # Rows are computed independently, in input order; a field's kernels may still round differently for
+    # 5 rows than for 37 (docs/report.md#reproducibility): the float64 tolerance, relative to each
+    # sample's largest score component (a component near 0 is a cancelling sum of terms of that size).
+    assert_reproducible(b, a, "fp64", scale=b.abs().amax(1, keepdim=True))
+    # The same batches give the same bits.
+    assert torch.equal(evaluate(probe, x, t, batch_size=5), a)
 
 
 def test_describe_names_the_units():
@@ -71,7 +77,7 @@ def test_batcher_halves_on_out_of_memory_and_keeps_order():
 
     b = Batcher(32)
     x = torch.arange(50.0)
-    assert torch.equal(b.map(fn, x), x * 2)
+    assert torch.equal(b.map(fn, x), x * 2)  # doubling is exact in any batch
     assert b.batch_size == 8 and calls[:3] == [32, 16, 8]
 
 

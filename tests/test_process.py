@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from conservcheck import DiscreteSchedule, FlowProcess, OUProcess, UsageError, VEProcess, VPSDETime
+from conservcheck import DiscreteSchedule, FlowProcess, OUProcess, SubVPProcess, UsageError, VEProcess, VPSDETime
+from conservcheck.process import SigmaLevels, get_process
 
-PROCESSES = [OUProcess(), VEProcess(), FlowProcess()]
+PROCESSES = [OUProcess(), VEProcess(), FlowProcess(), SubVPProcess()]
 
 
 def test_linear_schedule_reference_values():
@@ -113,3 +114,31 @@ def test_pf_ode_velocity_is_conditional_flow(proc):
 def test_times_outside_range_are_rejected():
     with pytest.raises(UsageError, match="outside"):
         FlowProcess().check_times(torch.tensor([0.5, 1.2]))
+
+
+def test_subvp_marginals_are_score_sdes():
+    # score_sde's subVPSDE.marginal_prob at SDE time s, written out: mean e^{lm} x0, std 1 − e^{2 lm}
+    c, sub = VPSDETime(0.1, 20.0), get_process("subvp")
+    s = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    lm = -0.25 * s**2 * (20.0 - 0.1) - 0.5 * s * 0.1
+    t = c.to_canonical(s)
+    assert torch.allclose(sub.alpha(t), torch.exp(lm), rtol=1e-14)
+    assert torch.allclose(sub.sigma(t), 1 - torch.exp(2 * lm), rtol=1e-12)
+    # below the OU process's √(1 − α²) at every t: no OU time has the sub-VP marginal
+    assert bool((sub.sigma(t) < OUProcess().sigma(t)).all())
+    # its SDE's diffusion, β(s)(1 − e^{−2∫β}) per unit s, is g² = 2(1 − e^{−4t}) per unit t (dt/ds = β/2)
+    g2 = sub.dsigma2_dt(t) - 2 * sub.dlog_alpha_dt(t) * sub.sigma(t) ** 2
+    beta = 0.1 + s * 19.9
+    assert torch.allclose(g2, beta * (1 - torch.exp(4 * lm)) * 2 / beta, rtol=1e-12)
+
+
+def test_sigma_levels_are_score_sdes_table_reversed():
+    levels = SigmaLevels(0.01, 50.0, 1000)
+    # score_sde's get_sigmas: exp(linspace(log σ_max, log σ_min, N)); native k counts from the clean end
+    table = torch.exp(torch.linspace(math.log(50.0), math.log(0.01), 1000, dtype=torch.float64))
+    k = torch.arange(1000, dtype=torch.float64)
+    assert torch.allclose(levels.to_canonical(k), table.flip(0), rtol=1e-13)
+    assert torch.allclose(levels.from_canonical(table.flip(0)), k, rtol=0, atol=1e-9)
+    assert levels.discrete and levels.num_steps == 1000 and levels.to_dict()["sigma_max"] == 50.0
+    with pytest.raises(UsageError, match="out of range"):
+        levels.to_canonical(torch.tensor([1000.0]))

@@ -247,7 +247,8 @@ def test_unreachable_network(online, tmp_path):
 
 def test_builtin_order():
     names = [e.name for e in adapters.registered()]
-    assert names[:6] == ["embedded", "diffusers", "latent", "score_sde", "edm", "flow"]
+    # text_to_image before latent: a Stable Diffusion folder also has the unet/, scheduler/ and vae/ latent looks for
+    assert names[:9] == ["embedded", "diffusers", "text_to_image", "dit", "sd3", "latent", "score_sde", "edm", "flow"]
 
 
 def test_broken_third_party_adapter_does_not_break_the_others(tmp_path, monkeypatch, ddpm_folder):

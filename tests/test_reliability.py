@@ -20,12 +20,14 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from conftest import assert_reproducible
 from typer.testing import CliRunner
 
 import conservcheck
 from conservcheck import OUProcess, VectorFieldProbe
 from conservcheck.analytic.fields import GaussianMixture, LinearField
 from conservcheck.cli.app import app
+from conservcheck.contract import TIME_IGNORED
 from conservcheck.diagnostics.loop_integral import loop_bytes_per_element, loop_chunk_elements
 from conservcheck.errors import UsageError
 from conservcheck.files import write_atomic
@@ -237,14 +239,42 @@ def test_wrong_output_shape(files):
     _no_number_from_nan(rep)
 
 
-def test_model_ignoring_its_time_input(files):
+def test_exact_time_independent_score_is_valid(files):
+    """The exact score of N(0, I) under the OU process is −x at every time: time independence is its exact
+    answer, not a broken contract — the audit measures it and passes it, without a remark."""
     rep = _bad(lambda x, t: -x, files)
-    assert rep.verdict.status == "invalid"
-    assert rep.verdict.reason == (
-        "model output does not change with its time input (check that the time convention "
-        "feeds the model the time it was trained with)"
+    assert rep.verdict.status == "pass" and rep.header["warnings"] == []
+    assert {s for s in _status(rep).values()} == {"ok"}
+
+
+def test_epsilon_network_ignoring_time_is_measured_with_a_warning(files):
+    """An ε-network that ignores its time input gives a score −ε̂(x)/σ(t) that does change with t, so the
+    old check on the score let it pass unremarked; the check on the network's own output warns, the report
+    records the warning, and the diagnostics still measure the field (a warning never makes it invalid)."""
+    probe = VectorFieldProbe(
+        lambda x, t: 0.5 * x, process=OUProcess(), sample_shape=(2,), parameterization="epsilon", dtype=torch.float64
     )
-    assert {s for s in _status(rep).values()} == {"ok"}  # its numbers are still measured and reported
+    rep = audit(
+        probe,
+        paths="rotation",
+        curl="subjacobian",
+        times=[0.1, 1.0],
+        n_samples=4,
+        n_points=16,
+        data=files["x2"],
+        cache_dir=files["cache"],
+    )
+    assert rep.header["warnings"] == [TIME_IGNORED] and rep.header["problems"] == []
+    assert rep.verdict.status == "pass"  # −0.5x/σ(t) is a gradient at every t
+
+
+def test_zero_field_is_finite_and_passes(files):
+    """A zero field is exactly conservative: its circulation ratio and curl are 0 (0/0 is no circulation),
+    not "not finite"."""
+    rep = _bad(lambda x, t: torch.zeros_like(x), files)
+    assert {s for s in _status(rep).values()} == {"ok"}
+    assert rep.summary().query("metric == 'abs_circulation_ratio' or metric == 'curl_rel_fro'")["median"].eq(0).all()
+    assert rep.verdict.status == "pass" and rep.header["problems"] == []
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), ZeroDivisionError("boom"), AssertionError("boom")])
@@ -325,7 +355,7 @@ def test_bad_model_on_the_command_line_exits_0_and_gates_fail_closed(files):
 # ------------------------------------------------------------------------------------- out of memory
 
 
-def test_out_of_memory_halves_the_batch_and_changes_no_number(files):
+def test_out_of_memory_halves_the_batch_and_changes_no_number(files, torch_threads):
     """A model that runs out of memory above 8 rows: the audit backs off to 8 and gives the numbers of a
     run with batch size 8; one that runs out of memory even for one row is an error at that unit."""
     seen: list[int] = []
@@ -341,6 +371,8 @@ def test_out_of_memory_halves_the_batch_and_changes_no_number(files):
     first = seen.index(64)  # the first call through the batcher (the contract check's calls come before)
     assert seen[first : first + 4] == [64, 32, 16, 8]  # halved until it fits
     assert max(seen[first + 3 :]) == 8  # and kept for the rest of the audit
+    # The failed chunk is retried from its start at 32, 16, then 8 rows, and 8 is kept: every call that
+    # returned saw the rows a batch-size-8 run gives it, so the numbers are the same bits.
     assert _comparable(backed_off) == _comparable(_bad(_good, files, batch_size=8, **kw))
     assert backed_off.verdict.status == "pass"
 
@@ -356,7 +388,7 @@ def test_out_of_memory_halves_the_batch_and_changes_no_number(files):
 # ------------------------------------------------------------------------------------------ budgets
 
 
-def test_memory_budget_bounds_the_loops_held_at_once_and_changes_no_number(files):
+def test_memory_budget_bounds_the_loops_held_at_once_and_changes_no_number(files, torch_threads):
     # Peak bytes per loop node component: float64 geometry and sums (5 × 8) + scores (+ their float64 copy).
     assert loop_bytes_per_element(torch.float64) == 48 and loop_bytes_per_element(torch.float32) == 52
     assert loop_chunk_elements(4096, torch.float64) == 85 and loop_chunk_elements(4096, torch.float32) == 78
@@ -385,7 +417,10 @@ def test_memory_budget_bounds_the_loops_held_at_once_and_changes_no_number(files
     # 7 KB / 48 bytes = 149 components = 3 loops of 16 nodes × D = 3 (48 components each) at a time.
     small = audit(probe, memory_budget="7KB", **kw)
     assert sorted(c for c in calls if c > 4) == [16, 48]  # chunks of 3 and 1 loops (contract calls have 4 rows)
-    assert _comparable(small) == _comparable(full) and small.run["options"]["memory_budget"] == 7 * 1024
+    # Other model batches (48 and 16 rows instead of 64) may round differently: the float64
+    # reproducibility tolerance (docs/report.md#reproducibility).
+    assert_reproducible(_comparable(full), _comparable(small), "fp64")
+    assert small.run["options"]["memory_budget"] == 7 * 1024
 
 
 def test_time_budget_skips_units_and_resume_completes_them(files):
@@ -397,7 +432,8 @@ def test_time_budget_skips_units_and_resume_completes_them(files):
         if text.startswith("loop.rotation control t0.1"):
             time.sleep(budget + 0.1)
 
-    kw = dict(paths="rotation", curl="none", times=[0.1, 1.0], n_samples=4, n_points=16, cache_dir=files["cache"])
+    # 32 nodes: at 16 the periodic rule has not converged at t = 0.1 and the check is not resolved.
+    kw = dict(paths="rotation", curl="none", times=[0.1, 1.0], n_samples=4, n_points=32, cache_dir=files["cache"])
     journal = files["dir"] / "budget.jsonl"
     # Conservative model: the measured check passes, yet an incomplete audit must not read as pass.
     part = audit(mixture_probe(), data=files["mix"], time_budget=budget, resume=str(journal), progress=stall, **kw)
@@ -505,7 +541,7 @@ def test_reports_are_written_atomically(files):
         curl="none",
         times=[0.5],
         n_samples=2,
-        n_points=8,
+        n_points=32,
         data=files["mix"],
         cache_dir=files["cache"],
     )
@@ -628,7 +664,7 @@ def _shard_kw(files):
     )
 
 
-def test_shards_merge_to_the_single_run_report(files):
+def test_shards_merge_to_the_single_run_report(files, torch_threads):
     kw = _shard_kw(files)
     single = audit(mixture_probe(), **kw)
     paths = [files["dir"] / f"s{i}.jsonl" for i in range(3)]
@@ -639,6 +675,7 @@ def test_shards_merge_to_the_single_run_report(files):
         assert len(ran) == 4 and part.verdict.status == "invalid" and part.header["complete"] is False
         assert "left to the other shards — combine their files with conservcheck merge" in part.verdict.reason
     merged = merge(paths)
+    # Units are whole per shard and run with the same batch size: the single run's bits, not a tolerance.
     assert _comparable(merged) == _comparable(single) and merged.verdict.status == "pass"
     for rep in (*parts, merged):
         jsonschema.validate(json.loads(json.dumps(rep.to_dict(), allow_nan=False)), SCHEMA)
@@ -646,7 +683,7 @@ def test_shards_merge_to_the_single_run_report(files):
     assert _comparable(merge([paths[2], paths[0], paths[1]])) == _comparable(single)
 
 
-def test_merged_report_of_a_bad_model_keeps_its_problems(files):
+def test_merged_report_of_a_bad_model_keeps_its_problems(files, torch_threads):
     kw = dict(
         paths="rotation",
         curl="subjacobian",
@@ -687,7 +724,7 @@ def test_merge_names_the_missing_shard_and_the_fix(files):
         merge([p0, p1])
 
 
-def test_shards_draw_identical_x0_from_the_model(files, tmp_path):
+def test_shards_draw_identical_x0_from_the_model(files, tmp_path, torch_threads):
     """x0 drawn from the model is deterministic: shards with separate caches (different machines) draw
     the same bits, so their files share a fingerprint and merge to the single run's report."""
     kw = dict(paths="rotation", curl="none", times=[0.3, 1.0], n_samples=4, n_points=16, sampler_steps=8)

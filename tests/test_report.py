@@ -105,12 +105,53 @@ def test_verdict_rule(model, control, expected):
     assert FLOOR_FACTOR == 10.0
 
 
-def test_quadrature_error_raises_the_floor():
-    # |ratio| median 1e-3 with a relative quadrature error of 2e-4 (quad_error / ∮|s||dy|): 5× → pass.
-    vals = {"abs_circulation_ratio": [1e-3] * 3, "quad_error": [2e-4] * 3, "abs_score_length": [1.0] * 3}
-    rep = AuditReport.from_units(_header("fp64"), [_unit(vals)])
+def test_quadrature_error_raises_the_floor_and_a_pass_over_it_is_not_resolved():
+    """|ratio| median 1e-3 with a relative quadrature error of 2e-4 (quad_error / ∮|s||dy|): 5× its own
+    discretisation floor. That is no evidence of a score: at this node count a violation below 2e-3 could
+    not be seen, so the check is not resolved (and with no resolved check the verdict cannot pass). Ten
+    times larger, the same floor is a resolved violation; below a control floor, a resolved pass."""
+    p = floor_rel("fp64")
+
+    def check(median, quad, control=None):
+        units = [
+            _unit({"abs_circulation_ratio": [median] * 3, "quad_error": [quad] * 3, "abs_score_length": [1.0] * 3})
+        ]
+        if control is not None:
+            units.append(_unit({"abs_circulation_ratio": [control] * 3}, field="control"))
+        rep = AuditReport.from_units(_header("fp64"), units)
+        return rep.verdict, rep.verdict.checks[0]
+
+    verdict, c = check(1e-3, 2e-4)
+    assert c["status"] == "unresolved" and c["quadrature"] == pytest.approx(2e-4) and c["floor"] == pytest.approx(2e-4)
+    assert verdict.status == "invalid"
+    assert verdict.reason == (
+        "no check is resolved: 1 not resolved at this node count (loop.rotation at t=0.5: their floor is the "
+        "discretisation error; raise --points)"
+    )
+    verdict, c = check(1e-2, 2e-4)
+    assert c["status"] == "violation" and verdict.status == "violation"
+    verdict, c = check(1e-3, 2e-4, control=5e-4)  # the control's own value sets the floor: resolved
+    assert c["status"] == "pass" and verdict.status == "pass"
+    verdict, c = check(1e-3, p / 2)  # discretisation below the precision floor: resolved
+    assert c["status"] == "violation"
+
+
+def test_a_pass_beside_unresolved_checks_names_them():
+    units = [
+        _unit({"abs_circulation_ratio": [1e-13] * 3, "quad_error": [0.0] * 3, "abs_score_length": [1.0] * 3}),
+        _unit(
+            {"abs_circulation_ratio": [1e-3] * 3, "quad_error": [2e-4] * 3, "abs_score_length": [1.0] * 3},
+            variant="brownian",
+        ),
+    ]
+    rep = AuditReport.from_units(_header("fp64"), units)
+    assert [c["status"] for c in rep.verdict.checks] == ["pass", "unresolved"]
     assert rep.verdict.status == "pass"
-    assert rep.verdict.checks[0]["quadrature"] == pytest.approx(2e-4)
+    assert rep.verdict.reason == (
+        "all 1 resolved checks within 10× the numerical floor (largest 0.1× for loop.rotation "
+        "abs_circulation_ratio at t=0.5); 1 not resolved at this node count (loop.brownian at t=0.5: their "
+        "floor is the discretisation error; raise --points)"
+    )
 
 
 def test_nonfinite_unit_makes_the_verdict_invalid():
@@ -159,6 +200,7 @@ def test_rows_go_to_a_side_file_when_asked(mixture_report, tmp_path):
     jsonschema.validate(data, SCHEMA)
     assert data["rows"]["file"] == "big.rows.csv" and data["rows"]["n_rows"] == len(mixture_report.rows)
     back = AuditReport.from_json(path)
+    # The side file keeps every float64 bit (pandas writes the shortest round-trip repr).
     assert np.array_equal(back.rows["circulation"].to_numpy(), mixture_report.rows["circulation"].to_numpy())
     (tmp_path / "big.rows.csv").unlink()
     with pytest.raises(UsageError, match="rows file"):

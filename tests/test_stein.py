@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_reproducible
 
 from conservcheck import OUProcess, VEProcess
 from conservcheck.analytic.fields import GaussianMixture, as_probe
@@ -156,21 +157,26 @@ def test_hutchinson_agrees_with_exact_within_its_error(mixture):
     # mean of 200 values of z² has a standard deviation ≈ 0.13; P(|t₁₅| > 5) ≈ 2e-4 per sample.
     assert 0.6 < float((z**2).mean()) < 1.9
     assert float(z.abs().max()) < 5
-    # The non-divergence columns do not depend on the mode.
+    # The non-divergence columns do not depend on the mode: the same field evaluated on the same batches.
     for col in ("err_norm", "rel_err_norm", "sref_dot_e"):
         assert torch.equal(hutch.values[col], exact.values[col])
 
 
-def test_results_do_not_depend_on_batching_or_offset(mixture):
+def test_results_do_not_depend_on_batching_or_offset(mixture, torch_threads):
     x0 = mixture.sample(12, torch.Generator().manual_seed(6))
     probe = _with_error(mixture.score, lambda x, s: s @ S3.T)
     kw = {"divergence": "hutchinson", "n_probes": 4}
     whole = _run(probe, x0, mixture, batch=64, **kw)
     small = _run(probe, x0, mixture, batch=5, **kw)
     tail = _run(probe, x0[7:], mixture, batch=64, start=7, **kw)
+    # Probes are keyed per sample, but ``s @ S3ᵀ`` may run another kernel for 5 rows than for 12
+    # (docs/report.md#reproducibility): the float64 tolerance, with each sample's rounding relative to
+    # the terms 𝒮e = ∇·e + s_refᵀe is made of (a cancelling sum is noise of their size, not of its own).
+    v = whole.values
+    scale = 1 + v["div_e"].abs() + v["sref_dot_e"].abs() + v["err_norm"] + v["div_e_se"]
     for col in COLUMNS:
-        assert torch.equal(whole.values[col], small.values[col])
-        assert torch.equal(whole.values[col][7:], tail.values[col])
+        assert_reproducible(v[col], small.values[col], "fp64", scale=scale)
+        assert_reproducible(v[col][7:], tail.values[col], "fp64", scale=scale[7:])
 
 
 def test_modes_meta_and_errors(mixture):

@@ -112,7 +112,7 @@ def test_divergence_free_error_keeps_the_marginals_and_a_generic_one_does_not(mi
     assert reflected.loglik_gap > 10 * math.hypot(reflected.loglik_model_se, reflected.loglik_reference_se)
 
 
-def test_empirical_reference_and_batch_independence():
+def test_empirical_reference_and_batch_independence(torch_threads):
     data = torch.randn(60, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = EmpiricalScore(data, OUProcess(), chunk_size=16)
     probe = as_probe(lambda x, t: ref.score(x, t) * 1.1, (2,), OUProcess())

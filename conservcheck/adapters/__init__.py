@@ -25,6 +25,9 @@ GROUP = "conservcheck.adapters"
 BUILTIN: dict[str, str] = {
     "embedded": "conservcheck.adapters.embedded",
     "diffusers": "conservcheck.adapters.diffusers_unet",
+    "text_to_image": "conservcheck.adapters.text_to_image",
+    "dit": "conservcheck.adapters.dit",
+    "sd3": "conservcheck.adapters.sd3",
     "latent": "conservcheck.adapters.latent",
     "score_sde": "conservcheck.adapters.score_sde",
     "edm": "conservcheck.adapters.edm",

@@ -44,30 +44,108 @@ def is_flow_matching(config: dict[str, Any] | None) -> bool:
     return bool(config) and str(config.get("_class_name", "")).startswith("FlowMatch")
 
 
+#: The pipeline components the adapters read: the denoising network and the autoencoders.
+UNET = "unet"
+AUTOENCODERS = {"vae": "AutoencoderKL", "vqvae": "VQModel"}
+
+
+def component_dir(root: pathlib.Path, name: str) -> pathlib.Path:
+    """Where a pipeline component lives: its subfolder when there is one, else the folder itself.
+
+    This is diffusers' own rule (``load_sub_model``): the google/ddpm-* and google/ncsnpp-* repositories keep
+    ``config.json``, ``scheduler_config.json`` and the weights at the root beside ``model_index.json``.
+    """
+    sub = root / name
+    return sub if sub.is_dir() else root
+
+
 @dataclass
 class Layout:
-    """Where a UNet's config/weights and its scheduler config live inside a model folder."""
+    """Where a UNet's config/weights, its scheduler config and its autoencoder live inside a model folder.
+
+    ``problem`` names a file that decides the layout but cannot be read (loading reports it).
+    """
 
     root: pathlib.Path
     unet_dir: pathlib.Path
     scheduler_config: pathlib.Path | None
+    autoencoder: str | None = None
+    problem: str | None = None
+
+    @property
+    def autoencoder_dir(self) -> pathlib.Path | None:
+        return None if self.autoencoder is None else component_dir(self.root, self.autoencoder)
+
+    def check(self) -> None:
+        """Raise :class:`ModelLoadError` for an unreadable layout file."""
+        if self.problem:
+            raise ModelLoadError(self.problem, "download the model again, or restore the file from the original")
+
+
+def _scheduler_file(folder: pathlib.Path) -> pathlib.Path:
+    return folder / "scheduler_config.json"
 
 
 def layout(path: pathlib.Path) -> Layout | None:
-    """The layout of a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet2DModel folder."""
+    """The layout of a diffusers folder with a ``UNet2DModel``, or None for any other folder.
+
+    * A pipeline (``model_index.json`` naming a ``unet``): each component (unet, scheduler, vae / vqvae) from
+      its subfolder, or from the root when the subfolder is missing, as diffusers loads it. Which of the
+      component's files exist does not matter here: loading names the one it cannot read.
+    * Components saved one by one without ``model_index.json``: ``unet/config.json`` with ``scheduler/``.
+    * A bare model folder: a root ``config.json`` of a ``UNet2DModel``, its scheduler config beside it or in
+      ``scheduler/``.
+    """
     if not path.is_dir():
         return None
-    if (path / "model_index.json").is_file():
-        if not ((path / "unet").is_dir() and (path / "scheduler").is_dir()):
+    index_file = path / "model_index.json"
+    if index_file.is_file():
+        index = read_json(index_file)
+        if index is None:
+            # unreadable: the folders present decide the components, and loading reports the file
+            ae = next((n for n in AUTOENCODERS if (path / n).is_dir()), None)
+            return Layout(
+                path,
+                component_dir(path, UNET),
+                _scheduler_file(component_dir(path, "scheduler")),
+                ae,
+                f"{index_file} is not a JSON object",
+            )
+        if UNET not in index:
             return None
-        return Layout(path, path / "unet", path / "scheduler" / "scheduler_config.json")
+        scheduler = _scheduler_file(component_dir(path, "scheduler")) if "scheduler" in index else None
+        ae = next((n for n in AUTOENCODERS if n in index), None)
+        return Layout(path, component_dir(path, UNET), scheduler, ae)
+    if (path / UNET / "config.json").is_file():
+        ae = next((n for n in AUTOENCODERS if (path / n / "config.json").is_file()), None)
+        return Layout(path, path / UNET, _scheduler_file(path / "scheduler"), ae)
     cfg = read_json(path / "config.json")
     if not cfg or cfg.get("_class_name") != "UNet2DModel":
         return None
-    for cand in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+    for cand in (_scheduler_file(path), _scheduler_file(path / "scheduler")):
         if cand.is_file():
             return Layout(path, path, cand)
     return Layout(path, path, None)
+
+
+def read_scheduler_config(lay: Layout) -> dict[str, Any]:
+    """The scheduler config of a layout; :class:`ModelLoadError` naming the file when it is missing or not
+    JSON (the noise schedule decides the model's units)."""
+    lay.check()
+    file = lay.scheduler_config
+    if file is None:
+        raise ModelLoadError(
+            f"{lay.root} has no scheduler config: the noise schedule decides the model's units",
+            "add the training scheduler's scheduler_config.json beside config.json or in scheduler/",
+        )
+    cfg = read_json(file)
+    if cfg is None:
+        what = "is not a JSON object" if file.is_file() else "is missing"
+        raise ModelLoadError(
+            f"{file} {what}: the noise schedule decides the model's units",
+            "download the model again, or save the training scheduler there (save_pretrained)",
+        )
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,10 +199,13 @@ def scheduler_units(config: dict[str, Any], source: str = "the scheduler config"
                 "scheduler": name,
                 "native_time": "sigma (noise standard deviation), float tensor [B]",
                 "native_range": [smin, smax],
+                "sigma_max": smax,
+                "sigma_max_source": "scheduler config",
                 "output": "score (the UNet divides by sigma)",
                 "conversion": conversion("score"),
             },
         )
+    config, legacy = legacy_scheduler_keys(config, source)
     if name not in DDPM_SCHEDULERS:
         raise ModelLoadError(
             f"unsupported scheduler class {name!r} in {source}",
@@ -168,8 +249,34 @@ def scheduler_units(config: dict[str, Any], source: str = "the scheduler config"
             "native_range": [0, int(alphas_cumprod.numel()) - 1],
             "output": param,
             "conversion": conversion(param, "ou", alpha="sqrt(alpha_bar_k)", sigma="sqrt(1 - alpha_bar_k)"),
+            **({"legacy_config_keys": legacy} if legacy else {}),
         },
     )
+
+
+def legacy_scheduler_keys(config: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A scheduler config with the keys diffusers has since removed translated: (config, what was read).
+
+    ``predict_epsilon`` (diffusers 0.7–0.12; replaced by ``prediction_type`` in 0.10 and no longer read) —
+    false meant the network predicts x0. Current diffusers ignores the key and would assume epsilon, so it
+    is mapped here; a config that also names a different ``prediction_type`` is refused.
+    """
+    if "predict_epsilon" not in config:
+        return config, {}
+    old = config["predict_epsilon"]
+    if not isinstance(old, bool):
+        raise ModelLoadError(f"predict_epsilon in {source} is {old!r}, not true or false", "fix the value")
+    mapped = "epsilon" if old else "sample"
+    given = config.get("prediction_type")
+    if given is not None and given != mapped:
+        raise ModelLoadError(
+            f"{source} says predict_epsilon={str(old).lower()} (prediction_type {mapped!r}) and prediction_type "
+            f"{given!r}",
+            "delete the key that does not describe how the model was trained",
+        )
+    out = {k: v for k, v in config.items() if k != "predict_epsilon"}
+    out["prediction_type"] = mapped
+    return out, {"predict_epsilon": f"{str(old).lower()} -> prediction_type {mapped}"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,6 +364,7 @@ def load_component(
     parameters of the config uninitialised are refused (diffusers would fill them with random values).
     """
     weights = find_weights(folder, variant=variant)
+    variant = weights.variant
     if weights.use_safetensors:
         for f in weights.files:
             check_safetensors(f)
@@ -299,6 +407,10 @@ def _load_trusted(cls: Any, folder: pathlib.Path, weights: WeightsFiles, dtype: 
             state.update(torch.load(f, map_location="cpu", weights_only=False))
         except Exception as err:
             raise ModelLoadError(f"cannot unpickle {f} ({reason(err)})", DAMAGED_HINT) from err
+    # attention weights saved before diffusers 0.15 (query/key/value/proj_attn), renamed as from_pretrained does
+    fix_keys = getattr(model, "_fix_state_dict_keys_on_load", None)
+    if fix_keys is not None:
+        fix_keys(state)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as err:
@@ -327,10 +439,13 @@ class UNetField(torch.nn.Module):
 def check_unconditional(unet_dir: pathlib.Path) -> None:
     """Raise :class:`ModelLoadError` unless ``unet_dir`` holds an unconditional ``UNet2DModel``: a text- or
     class-conditional network has no single vector field without a choice of condition."""
-    cfg = read_json(unet_dir / "config.json")
+    file = unet_dir / "config.json"
+    cfg = read_json(file)
     if cfg is None:
         raise ModelLoadError(
-            f"{unet_dir / 'config.json'} is missing or not a JSON object", "re-save the model with save_pretrained"
+            f"{file} {'is not a JSON object' if file.is_file() else 'is missing'}: the UNet's architecture is "
+            "unknown without it",
+            "download the model again, or restore the config.json saved with the weights",
         )
     if cfg.get("_class_name") != "UNet2DModel":
         raise ModelLoadError(
@@ -374,6 +489,7 @@ class LoadedUNet:
     loader: str
     sha256: str
     files: dict[str, str]
+    saved_with: str | None = None
 
     @property
     def data_range(self) -> tuple[float, float]:
@@ -387,7 +503,9 @@ class LoadedUNet:
         return {
             "weights_files": self.files,
             "weights_format": self.weights.format,
+            "weights_variant": self.weights.variant,
             "weights_loader": self.loader,
+            "config_diffusers_version": self.saved_with,
             "attention_processor": "AttnProcessor",
             "diffusers_version": diffusers.__version__,
         }
@@ -404,4 +522,5 @@ def load_unet(
         diffusers.UNet2DModel, lay.unet_dir, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
     )
     digest, per_file = hash_files(weights.files, lay.root)
-    return LoadedUNet(prepare(unet.to(device), dtype), weights, loader, digest, per_file)
+    saved_with = (read_json(lay.unet_dir / "config.json") or {}).get("_diffusers_version")
+    return LoadedUNet(prepare(unet.to(device), dtype), weights, loader, digest, per_file, saved_with)

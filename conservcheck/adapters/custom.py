@@ -11,29 +11,43 @@ and ``dtype=`` when its signature takes them — which returns either
           return net, dict(parameterization="epsilon", process="ou", time_convention="linear", sample_shape=(3, 32, 32))
 
 Declaration keys: ``parameterization`` (score, epsilon, x0, v, velocity), ``process`` (a
-:class:`~conservcheck.process.Process` or ``ou``/``vp``, ``ve``, ``flow``), ``sample_shape`` — all three
+:class:`~conservcheck.process.Process` or ``ou``/``vp``, ``ve``, ``flow``, ``subvp``), ``sample_shape`` — all three
 required — and optionally ``time_convention`` (a :class:`~conservcheck.process.TimeConvention` or one of
 :data:`TIME_CONVENTIONS`: the identity, DDPM schedules with T = 1000 and their default β, score_sde's VP
 time), ``data_range`` (default (−1, 1)), ``precision`` and ``name``. A model that is an ``nn.Module`` is
 moved to the device and dtype, put in eval mode and frozen.
 
+A factory for a conditional model returns a probe whose ``fn`` is a
+:class:`~conservcheck.conditioning.ConditionalField`; it receives the audit's ``prompt``,
+``negative_prompt`` and ``class_label`` as keywords when its signature names them.
+
 A module that is not importable from the installed packages is looked for in the current folder too.
+
+Identity: the probe's ``info.extra["identity"]`` records the module file and its SHA-256, the factory's
+name and the SHA-256 of the weights the factory returned (every tensor reachable from the returned model:
+an ``nn.Module``'s state dict, a bound method's object, a closure's cells;
+:func:`conservcheck.probe.weights_digest`), so an
+audit resumed or merged with another model, other code or other weights is refused. A factory that ends
+the process (``sys.exit``) is reported as a load error, and references into Python's standard library
+(``os:abort``) are refused before anything is called.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from conservcheck.errors import ConservcheckError, ModelLoadError, UsageError, reason
 from conservcheck.parameterization import canonical_name, conversion
-from conservcheck.probe import ProbeInfo, VectorFieldProbe
+from conservcheck.probe import ProbeInfo, VectorFieldProbe, weights_digest
 from conservcheck.process import DiscreteSchedule, Process, TimeConvention, VPSDETime, get_process
 
 NAME = "custom"
@@ -104,6 +118,11 @@ def _import(module: str) -> Any:
 def resolve_factory(spec: str) -> Callable[..., Any]:
     """The callable a ``module:factory`` reference names (attribute paths like ``mod:Class.build`` work)."""
     module_name, attr = split_spec(spec)
+    if module_name.partition(".")[0] in getattr(sys, "stdlib_module_names", ()):
+        raise ModelLoadError(
+            f"{spec} names a function of Python's standard library, not a model factory",
+            "write a function in your own module that returns the model; " + _RECIPE,
+        )
     obj: Any = _import(module_name)
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -116,17 +135,29 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def _call(factory: Callable[..., Any], spec: str, device: Any, dtype: torch.dtype) -> Any:
+def _call(factory: Callable[..., Any], spec: str, device: Any, dtype: torch.dtype, condition: dict[str, Any]) -> Any:
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if k in params or var_kw}
+    refused = [k for k in condition if not (k in params or var_kw)]
+    if refused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        raise UsageError(
+            f"factory {spec} takes no {', '.join(refused)} argument for {flags}",
+            f"drop {flags}, or give the factory a keyword parameter {refused[0]}",
+        )
+    kwargs.update(condition)
     try:
         return factory(**kwargs)
     except ConservcheckError:
         raise
+    except SystemExit as err:
+        raise ModelLoadError(
+            f"factory {spec} called sys.exit({err.code!r}) instead of returning a model", _RECIPE
+        ) from None
     except Exception as err:
         raise ModelLoadError(
             f"factory {spec} raised {reason(err)}",
@@ -196,17 +227,47 @@ def from_declaration(
     )
 
 
+def _module_sha256(module_name: str) -> str | None:
+    module = sys.modules.get(module_name)
+    try:
+        source = inspect.getsourcefile(module) if module is not None else None
+    except TypeError:
+        source = None
+    if not source or not os.path.isfile(source):
+        return None
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
+
+
+def identity(spec: str, model: Any) -> dict[str, Any]:
+    """What identifies a factory's numbers: its module and the SHA-256 of its file, the factory's name, and
+    the SHA-256 of the weights it returned (None where there are none, or the module has no source file)."""
+    module_name, attr = split_spec(spec)
+    return {
+        "module": module_name,
+        "module_sha256": _module_sha256(module_name),
+        "factory": attr,
+        "weights_sha256": weights_digest(model),
+    }
+
+
 def load_factory(
-    spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **condition: Any
 ) -> VectorFieldProbe:
-    """Import ``module``, call ``factory`` and return its probe (see the module docstring)."""
+    """Import ``module``, call ``factory`` and return its probe (see the module docstring).
+
+    ``condition`` (``prompt``, ``negative_prompt``, ``class_label``: a conditional model's conditions, as
+    the audit parsed them) is passed as keywords; a factory without such a parameter refuses them.
+    """
     factory = resolve_factory(spec)
-    result = _call(factory, spec, device, dtype)
+    result = _call(factory, spec, device, dtype, condition)
     if isinstance(result, VectorFieldProbe):
         result.info.extra.setdefault("factory", spec)
+        result.info.extra.setdefault("identity", identity(spec, result.fn))
         return result
     if isinstance(result, tuple) and len(result) == 2 and callable(result[0]) and isinstance(result[1], Mapping):
-        return from_declaration(result[0], result[1], device=device, dtype=dtype, reference=spec)
+        probe = from_declaration(result[0], result[1], device=device, dtype=dtype, reference=spec)
+        probe.info.extra["identity"] = identity(spec, probe.fn)
+        return probe
     raise ModelLoadError(
         f"factory {spec} returned a {type(result).__name__}, not a VectorFieldProbe or a (model, dict) pair", _RECIPE
     )

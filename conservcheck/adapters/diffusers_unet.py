@@ -41,23 +41,59 @@ from conservcheck.adapters._diffusers import (
     layout,
     load_unet,
     read_json,
+    read_scheduler_config,
     sample_shape,
     scheduler_units,
 )
+from conservcheck.adapters.hub import snapshot_of
 from conservcheck.errors import ModelLoadError
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
 
 NAME = "diffusers"
 
+#: σ_max of score_sde's training configs (score_sde_pytorch, configs/ve/) for the NCSN++ checkpoints the Hub
+#: publishes in diffusers form: hub id → (σ_max, config file).
+TRAINING_SIGMA_MAX: dict[str, tuple[float, str]] = {
+    "google/ncsnpp-celebahq-256": (348.0, "configs/ve/celebahq_256_ncsnpp_continuous.py"),
+    "google/ncsnpp-ffhq-256": (348.0, "configs/ve/ffhq_256_ncsnpp_continuous.py"),
+    "google/ncsnpp-church-256": (380.0, "configs/ve/church_ncsnpp_continuous.py"),
+    "google/ncsnpp-ffhq-1024": (1348.0, "configs/ve/ffhq_ncsnpp_continuous.py"),
+}
+
 
 def detect(path: pathlib.Path) -> bool:
-    """A diffusers pipeline folder with a UNet and a scheduler but no autoencoder, or a bare UNet2DModel
-    folder — unless its scheduler is a flow-matching one."""
-    path = pathlib.Path(path)
-    lay = layout(path)
-    if lay is None or (path / "vae").is_dir() or (path / "vqvae").is_dir():
+    """A diffusers folder with a ``UNet2DModel`` and no autoencoder (:func:`~._diffusers.layout`: pipeline with
+    subfolders or flat, or a bare UNet folder) — unless its scheduler is a flow-matching one."""
+    lay = layout(pathlib.Path(path))
+    if lay is None or lay.autoencoder is not None:
         return False
     return not (lay.scheduler_config and is_flow_matching(read_json(lay.scheduler_config)))
+
+
+def training_sigma_max(path: pathlib.Path, scheduler_sigma_max: float) -> dict[str, Any]:
+    """The report fields saying which σ_max a VE model's range uses, and why.
+
+    For the NCSN++ checkpoints the Hub publishes in diffusers form (recognised by their hub-cache folder),
+    the σ_max of score_sde's training config: the network only saw σ up to it. Their scheduler configs can
+    say otherwise (google/ncsnpp-celebahq-256: 380 against the training config's 348); that value only sets
+    where ``ScoreSdeVePipeline`` starts sampling and is recorded as ``scheduler_sigma_max``. For other
+    folders, the scheduler config's value.
+    """
+    repo = (snapshot_of(path) or (None, None))[0]
+    known = TRAINING_SIGMA_MAX.get(repo or "")
+    if known is None:
+        return {"sigma_max": scheduler_sigma_max, "sigma_max_source": "scheduler config"}
+    value, config = known
+    agree = "agrees with" if value == scheduler_sigma_max else "differs from"
+    return {
+        "sigma_max": value,
+        "sigma_max_source": (
+            f"score_sde training config {config}: the network was trained on sigma <= {value:g}; the scheduler "
+            f"config's sigma_max {scheduler_sigma_max:g} {agree} it and only sets where ScoreSdeVePipeline "
+            "starts sampling"
+        ),
+        "scheduler_sigma_max": scheduler_sigma_max,
+    }
 
 
 def load(
@@ -79,22 +115,16 @@ def load(
     if lay is None:
         raise ModelLoadError(
             f"{path} is not a diffusers UNet2DModel folder",
-            "expected model_index.json with unet/ and scheduler/, or a UNet2DModel config.json",
+            "expected model_index.json naming a unet (in unet/ or at the root), or a UNet2DModel config.json",
         )
-    if lay.scheduler_config is None:
-        raise ModelLoadError(
-            f"{path} has no scheduler config: the noise schedule decides the model's units",
-            "add the training scheduler's scheduler_config.json beside config.json or in scheduler/",
-        )
-    sched_cfg = read_json(lay.scheduler_config)
-    if sched_cfg is None:
-        raise ModelLoadError(
-            f"{lay.scheduler_config} is not a JSON object", "re-save the scheduler with save_pretrained"
-        )
+    sched_cfg = read_scheduler_config(lay)
     units = scheduler_units(sched_cfg, str(lay.scheduler_config))
     loaded = load_unet(
         lay, device=device, dtype=dtype, trust_remote_code=trust_remote_code, variant=options.get("variant")
     )
+    if units.family == "ncsnpp_ve":
+        sigmas = training_sigma_max(path, float(units.extra["sigma_max"]))
+        units.extra.update(sigmas, native_range=[units.extra["native_range"][0], sigmas["sigma_max"]])
     unet, data_range = loaded.unet, loaded.data_range
     shape = sample_shape(unet.config)
     channels = shape[0] if units.learned_variance and unet.config.out_channels == 2 * shape[0] else None

@@ -25,8 +25,11 @@ parameterization.
 
 :func:`wrap` builds a probe from a raw network F and a preconditioning name, or from a module that is
 already a denoiser. :func:`load` reads EDM's network pickles (``network-snapshot-*.pkl``, the ``ema``
-entry): they are pickles of the module itself, so loading them runs code and needs
-``trust_remote_code=True``, and NVlabs/edm's ``torch_utils`` and ``dnnlib`` must be importable. Those
+entry): they are pickles of the module itself whose classes ``torch_utils.persistence`` stores as the
+source of their Python module, executed again when the pickle loads — so loading runs code and needs
+``trust_remote_code=True``, and NVlabs/edm's ``torch_utils`` and ``dnnlib`` must be importable (the
+pickle references ``torch_utils.persistence._reconstruct_persistent_obj``; the embedded source imports
+``torch_utils`` modules too). Those
 networks compute in float32 whatever the probe's dtype (EDM's preconditioners cast their inputs), and
 their attention is a legacy ``torch.autograd.Function`` (``AttentionOp``) that has no forward-mode rule
 and does not work under ``torch.func`` transforms.
@@ -58,7 +61,8 @@ NAME = "edm"
 SUFFIXES = (".pkl", ".pt", ".pth")
 PRECOND_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
 _MARKERS = (b"torch_utils.persistence",) + tuple(name.encode() for name in PRECOND_CLASSES)
-_OPTIONS = ("key", "precision")
+CONDITIONS = ("class_label",)
+_OPTIONS = ("key", "precision", *CONDITIONS)
 # how much of a pickle to scan for EDM's class names in detect()
 
 
@@ -306,6 +310,13 @@ def detect(path: pathlib.Path) -> bool:
         return True
 
 
+#: What unpickling an EDM network pickle needs besides the trust flag.
+EDM_REPO_HINT = (
+    "put NVlabs/edm's repository on PYTHONPATH (e.g. PYTHONPATH=/path/to/edm): the pickle carries its networks' "
+    "source but imports torch_utils and dnnlib from there"
+)
+
+
 def _unpickle(file: pathlib.Path) -> Any:
     try:
         if zipfile.is_zipfile(file):
@@ -314,8 +325,7 @@ def _unpickle(file: pathlib.Path) -> Any:
             return pickle.load(f)
     except ModuleNotFoundError as err:
         raise ModelLoadError(
-            f"unpickling {file.name} needs the module {err.name!r}",
-            "put NVlabs/edm's repository (its torch_utils and dnnlib packages) on PYTHONPATH",
+            f"unpickling {file.name} imports the module {err.name!r}, which is not installed", EDM_REPO_HINT
         ) from err
     except Exception as err:
         raise ModelLoadError(
@@ -335,7 +345,9 @@ def load(
     """A probe for an EDM network pickle (the preconditioned module under ``key``, default ``"ema"``).
 
     Refused unless ``trust_remote_code`` is true: unpickling the module runs code. Options: ``key`` (the
-    entry of a pickled dict), ``precision`` (default ``fp32``: EDM's networks compute in float32).
+    entry of a pickled dict), ``precision`` (default ``fp32``: EDM's networks compute in float32),
+    ``class_label`` (a class-conditional network's label(s) or ``"random"``:
+    :mod:`conservcheck.adapters.edm_conditional`).
     """
     check_options(options, _OPTIONS)
     path = pathlib.Path(path)
@@ -346,8 +358,10 @@ def load(
         )
     if not trust_remote_code:
         raise ModelLoadError(
-            f"{file.name} is a pickled network: loading it runs code from the file",
-            "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source",
+            f"{file.name} is a pickled network: loading it runs code from the file (the network source that "
+            "torch_utils.persistence embeds)",
+            "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust its source, with NVlabs/edm's "
+            "repository on PYTHONPATH for its torch_utils and dnnlib",
         )
     obj = _unpickle(file)
     key = options.get("key", "ema")
@@ -363,11 +377,9 @@ def load(
             f"{file.name} holds a {type(obj).__name__}, not an EDM preconditioned network",
             "pass a network pickle written by NVlabs/edm",
         )
-    if int(getattr(obj, "label_dim", 0) or 0) > 0:
-        raise ModelLoadError(
-            f"{file.name} holds a class-conditional network ({obj.label_dim} classes)",
-            "fix a class label in a wrapper and load it with a 'module:factory' reference",
-        )
+    label_dim = int(getattr(obj, "label_dim", 0) or 0)
+    if label_dim == 0 and options.get("class_label") is not None:
+        raise UsageError(f"{file.name} holds an unconditional network: it takes no --class-label", "drop --class-label")
     net = obj.eval().requires_grad_(False).to(device)
     res = int(net.img_resolution)
     shape = (int(net.img_channels), res, res)
@@ -391,6 +403,19 @@ def load(
             "autodiff": "attention is a legacy torch.autograd.Function: no forward-mode AD, no torch.func transforms",
         },
     )
+    if label_dim > 0:
+        from conservcheck.adapters import edm_conditional
+
+        return edm_conditional.wrap(
+            net,
+            label_dim=label_dim,
+            class_label=options.get("class_label"),
+            sample_shape=shape,
+            device=device,
+            dtype=dtype,
+            precision=options.get("precision") or "fp32",
+            info=info,
+        )
     return wrap(
         net, sample_shape=shape, device=device, dtype=dtype, precision=options.get("precision") or "fp32", info=info
     )

@@ -29,7 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from conservcheck.adapters._diffusers import UNetField, check_options, layout, load_unet, read_json, sample_shape
+from conservcheck.adapters._diffusers import (
+    UNetField,
+    check_options,
+    is_flow_matching,
+    layout,
+    load_unet,
+    read_json,
+    read_scheduler_config,
+    sample_shape,
+)
 from conservcheck.errors import ModelLoadError, UsageError
 from conservcheck.parameterization import conversion
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
@@ -137,11 +146,10 @@ def scheduler_time_scale(config: dict[str, Any], source: str = "the scheduler co
 def detect(path: pathlib.Path) -> bool:
     """A diffusers UNet2DModel folder (pipeline or bare) whose scheduler is a flow-matching one, with no
     autoencoder."""
-    path = pathlib.Path(path)
-    lay = layout(path)
-    if lay is None or lay.scheduler_config is None or (path / "vae").is_dir() or (path / "vqvae").is_dir():
+    lay = layout(pathlib.Path(path))
+    if lay is None or lay.scheduler_config is None or lay.autoencoder is not None:
         return False
-    return str((read_json(lay.scheduler_config) or {}).get("_class_name", "")).startswith("FlowMatch")
+    return is_flow_matching(read_json(lay.scheduler_config))
 
 
 def load(
@@ -159,16 +167,12 @@ def load(
     check_options(options, _OPTIONS)
     path = pathlib.Path(path)
     lay = layout(path)
-    if lay is None or lay.scheduler_config is None:
+    if lay is None:
         raise ModelLoadError(
             f"{path} is not a diffusers UNet2DModel folder with a scheduler",
             "expected unet/ and scheduler/ (or config.json with scheduler_config.json)",
         )
-    sched = read_json(lay.scheduler_config)
-    if sched is None:
-        raise ModelLoadError(
-            f"{lay.scheduler_config} is not a JSON object", "re-save the scheduler with save_pretrained"
-        )
+    sched = read_scheduler_config(lay)
     scale = scheduler_time_scale(sched, str(lay.scheduler_config))
     loaded = load_unet(
         lay, device=device, dtype=dtype, trust_remote_code=trust_remote_code, variant=options.get("variant")

@@ -1,10 +1,15 @@
 """Hugging Face Hub access: a hub id and revision → a local snapshot folder, or a one-line error.
 
 Downloads go through huggingface_hub's cache (``HF_HUB_CACHE`` / ``HF_HOME``, or ``cache_dir``), so a
-model is fetched once and found again offline. The snapshot folder is
+model is fetched once and found again offline. Only the files the adapters read are fetched
+(:func:`conservcheck.adapters.hub_files.plan`: one weights format per component, never both ``.bin`` and
+``.safetensors``, no ONNX / Flax / TensorFlow exports, no images); before downloading, the commit, the files
+and their sizes are logged (logger ``conservcheck``, on stderr in the CLI), and huggingface_hub draws its
+progress bar when stderr is a terminal. The snapshot folder is
 ``<cache>/models--<owner>--<name>/snapshots/<commit hash>``: its name is the resolved revision, readable
 without network (:func:`snapshot_of`). With ``HF_HUB_OFFLINE=1`` (read when :func:`snapshot` is called)
-nothing touches the network and a branch or tag resolves through the cache's ``refs/<revision>`` file.
+nothing touches the network, a branch or tag resolves through the cache's ``refs/<revision>`` file, and
+where huggingface_hub cached the repository's file list the files of the same plan must all be present.
 
 huggingface_hub (and diffusers, which re-raises hub errors as ``OSError`` with the original as
 ``__cause__``) signals every failure with an exception chain; :func:`explain` follows the chain and turns
@@ -16,6 +21,7 @@ incomplete cached copy, Hub error.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -24,13 +30,27 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from conservcheck.adapters import hub_files
 from conservcheck.errors import ModelLoadError, error_chain, reason
+
+log = logging.getLogger("conservcheck")
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
-#: Files no adapter reads (ONNX, Flax, TensorFlow, Core ML exports): never downloaded.
-IGNORE_PATTERNS = ["*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.tflite", "*.mlmodel", "*.mlpackage/*", "*.ot"]
+#: Files no adapter reads (ONNX, Flax, TensorFlow, Core ML, OpenVINO exports): never downloaded, and not
+#: required of an offline snapshot.
+IGNORE_PATTERNS = [
+    "*.onnx",
+    "*.onnx_data",
+    "*.msgpack",
+    "*.h5",
+    "*.tflite",
+    "*.mlmodel",
+    "*.mlpackage/*",
+    "*.ot",
+    "openvino_*",
+]
 
 _NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError", "ProxyError", "ReadTimeout"}
 _TRUE = {"1", "on", "yes", "true"}
@@ -97,31 +117,127 @@ def snapshot(
     endpoint: str | None = None,
     token: str | bool | None = None,
     offline: bool | None = None,
+    variant: str | None = None,
 ) -> Path:
     """Local snapshot folder of a hub model repository at ``revision`` (default ``main``).
 
-    Downloads missing files into the cache unless offline (``offline`` None: :func:`offline_mode`), in
-    which case only the cache is read. ``endpoint`` selects a Hub mirror (default ``HF_ENDPOINT``).
-    Raises :class:`ModelLoadError` (see :func:`explain`).
+    Downloads the files of :func:`~conservcheck.adapters.hub_files.plan` (for weights ``variant``) that are
+    not cached yet, unless offline (``offline`` None: :func:`offline_mode`), in which case only the cache is
+    read. ``endpoint`` selects a Hub mirror (default ``HF_ENDPOINT``). Raises :class:`ModelLoadError` (see
+    :func:`explain`).
     """
     from huggingface_hub import snapshot_download
 
     if offline is None:
         offline = offline_mode()
+    cache = str(cache_dir) if cache_dir is not None else None
     try:
         with _quiet_hub():
-            folder = snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=str(cache_dir) if cache_dir is not None else None,
-                endpoint=endpoint,
-                token=token,
-                local_files_only=offline,
-                ignore_patterns=IGNORE_PATTERNS,
+            if offline:
+                listing = _cached_listing(repo_id, revision, cache_dir)
+                allow = None if listing is None else _patterns(hub_files.plan(listing, variant))
+                return Path(
+                    snapshot_download(
+                        repo_id,
+                        revision=revision,
+                        cache_dir=cache,
+                        local_files_only=True,
+                        allow_patterns=allow,
+                        ignore_patterns=IGNORE_PATTERNS,
+                    )
+                )
+            commit, files = _remote_plan(repo_id, revision, cache_dir, endpoint, token, variant)
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache,
+                    endpoint=endpoint,
+                    token=token,
+                    allow_patterns=_patterns(files),
+                )
             )
+    except ModelLoadError:
+        raise
     except Exception as err:
         raise explain(err, repo_id, revision, cache_dir=cache_dir, endpoint=endpoint, offline=offline) from err
-    return Path(folder)
+    if folder.name != commit:
+        raise ModelLoadError(
+            f"{repo_id} (revision {revision or 'main'}) moved from commit {commit[:12]} to {folder.name[:12]} "
+            "during the download",
+            f"run again, or pin a commit as {repo_id}@<commit hash>",
+        )
+    return folder
+
+
+def _patterns(files: list[str]) -> list[str]:
+    # huggingface_hub matches allow_patterns with fnmatch: escape the names' own wildcards
+    return [glob.escape(f) for f in files]
+
+
+def _cached_listing(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> list[str] | None:
+    """The repository's file list as huggingface_hub cached it at the last download (``trees/<commit>.json``,
+    written by recent huggingface_hub versions), or None when there is none."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+        from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    except ImportError:
+        return None
+    try:
+        tree = get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_root(cache_dir))
+    except (CachedRepoTreeNotFoundError, OSError, ValueError):
+        return None
+    return [f.path for f in tree]
+
+
+def _remote_plan(
+    repo_id: str,
+    revision: str | None,
+    cache_dir: str | Path | None,
+    endpoint: str | None,
+    token: str | bool | None,
+    variant: str | None,
+) -> tuple[str, list[str]]:
+    """(commit, files to fetch) from the Hub's listing of the repository; logs what is fetched and skipped."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    # "main" as snapshot_download resolves it (the bare /api/models/<id> answers for the default branch)
+    info = api.model_info(repo_id, revision=revision or "main", files_metadata=True)
+    commit = str(info.sha)
+    sizes = {s.rfilename: s.size for s in info.siblings or []}
+    files = hub_files.plan(sizes, variant)
+    snap = repo_folder(repo_id, cache_dir) / "snapshots" / commit
+    todo = [f for f in files if not (snap / f).is_file()]
+    skipped = sorted(set(sizes) - set(files))
+    total = sum(sizes[f] or 0 for f in todo)
+    listed = ", ".join(f"{f} {format_size(sizes[f])}" for f in sorted(todo, key=lambda f: -(sizes[f] or 0)))
+    log.info(
+        "%s at %s (%s): %s the %d files the adapters read (%s)%s%s",
+        repo_id,
+        commit[:12],
+        revision or "main",
+        f"downloading {len(todo)} of" if todo else "cached:",
+        len(files),
+        format_size(total) if todo else "nothing to download",
+        f": {listed}" if todo else "",
+        f"; not fetched: {len(skipped)} files ({', '.join(skipped[:6])}{', …' if len(skipped) > 6 else ''})"
+        if skipped
+        else "",
+    )
+    return commit, files
+
+
+def format_size(n: int | None) -> str:
+    """Bytes as ``12.3 MB`` (decimal units, as the Hub shows sizes); ``?`` when unknown."""
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
 
 
 @contextlib.contextmanager

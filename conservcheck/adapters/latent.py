@@ -1,13 +1,16 @@
 """Latent diffusion: a diffusers pipeline whose UNet denoises an autoencoder's latents.
 
-A folder with ``model_index.json``, ``unet/`` (an unconditional ``UNet2DModel``), ``scheduler/`` and an
-autoencoder — ``vae/`` (``AutoencoderKL``) or ``vqvae/`` (``VQModel``, e.g. CompVis/ldm-celebahq-256).
+A folder with ``model_index.json`` naming a ``unet`` (an unconditional ``UNet2DModel``), a ``scheduler`` and
+an autoencoder — ``vae`` (``AutoencoderKL``) or ``vqvae`` (``VQModel``, e.g. CompVis/ldm-celebahq-256) —
+each in its subfolder (or at the root, as diffusers allows: :func:`~._diffusers.layout`).
 The probe lives in latent space: ``sample_shape`` is the UNet's input shape and the units follow the
 scheduler exactly as for pixel models (:mod:`conservcheck.adapters.diffusers_unet`).
 
 Where the scaling lives: the UNet sees *scaled* latents z = scaling_factor · (E(image) − shift_factor),
 with ``scaling_factor`` (and ``shift_factor``, None for most models) from the autoencoder's config, as the
-pipelines do (they decode with image = D(z / scaling_factor + shift_factor)). The probe's coordinates are
+pipelines do (they decode with image = D(z / scaling_factor + shift_factor)). A VQModel config saved before
+the key existed (CompVis/ldm-celebahq-256's) means unscaled latents, 1.0, not diffusers' current default
+0.18215 (:func:`latent_scaling`; ``scaling_factor_source`` in the report says which). The probe's coordinates are
 these scaled latents; :meth:`LatentProbe.encode` maps images in [−1, 1] to clean scaled latents (the
 posterior mode for AutoencoderKL; the pre-quantisation latents for VQModel, which quantises inside
 ``decode``), and :meth:`LatentProbe.decode` maps latents back to images. ``data_range`` is nominal
@@ -23,12 +26,15 @@ import torch
 from torch import Tensor
 
 from conservcheck.adapters._diffusers import (
+    AUTOENCODERS,
     UNetField,
     check_options,
     check_unconditional,
+    layout,
     load_component,
     prepare,
     read_json,
+    read_scheduler_config,
     sample_shape,
     scheduler_units,
 )
@@ -38,24 +44,34 @@ from conservcheck.probe import ProbeInfo, VectorFieldProbe
 
 NAME = "latent"
 
-AUTOENCODERS = {"vae": "AutoencoderKL", "vqvae": "VQModel"}
 IMAGE_RANGE = (-1.0, 1.0)
-
-
-def _autoencoder_dir(path: pathlib.Path) -> pathlib.Path | None:
-    return next((path / d for d in AUTOENCODERS if (path / d).is_dir()), None)
+#: The scaling of a VQModel whose config.json has no ``scaling_factor`` key: configs written before diffusers
+#: 0.13 had none, and LDMPipeline fed the UNet unscaled latents until diffusers 0.22 (diffusers issue #6725:
+#: the current default 0.18215 breaks CompVis/ldm-celebahq-256).
+LEGACY_VQ_SCALING = 1.0
 
 
 def detect(path: pathlib.Path) -> bool:
-    """A diffusers pipeline folder with unet/, scheduler/ and vae/ or vqvae/."""
-    path = pathlib.Path(path)
-    return (
-        path.is_dir()
-        and (path / "model_index.json").is_file()
-        and (path / "unet").is_dir()
-        and (path / "scheduler").is_dir()
-        and _autoencoder_dir(path) is not None
-    )
+    """A diffusers pipeline whose UNet works on the latents of an autoencoder (vae/ or vqvae/)."""
+    lay = layout(pathlib.Path(path))
+    return lay is not None and lay.autoencoder is not None
+
+
+def latent_scaling(ae_config: dict[str, Any], cls_name: str, loaded: Any) -> tuple[float, str]:
+    """(scaling_factor, where it came from) for an autoencoder config as saved on disk.
+
+    The saved value when the key is present. Without it: 1.0 for a VQModel (see :data:`LEGACY_VQ_SCALING`),
+    diffusers' default for an AutoencoderKL (0.18215, the constant Stable Diffusion's pipelines used before
+    the key existed).
+    """
+    if "scaling_factor" in ae_config:
+        return float(loaded), "config.json"
+    if cls_name == "VQModel":
+        return LEGACY_VQ_SCALING, (
+            "absent from config.json (written before diffusers 0.13): 1.0, the unscaled latents LDMPipeline used "
+            "until diffusers 0.22"
+        )
+    return float(loaded), f"absent from config.json: diffusers' default {float(loaded):g}"
 
 
 class LatentProbe(VectorFieldProbe):
@@ -134,22 +150,26 @@ def load(
 
     check_options(options)
     path = pathlib.Path(path)
-    ae_dir = _autoencoder_dir(path)
-    if not detect(path) or ae_dir is None:
+    lay = layout(path)
+    if lay is None or lay.autoencoder is None:
         raise ModelLoadError(
             f"{path} is not a latent diffusion pipeline folder",
-            "expected model_index.json, unet/, scheduler/ and vae/ or vqvae/",
+            "expected model_index.json naming a unet, a scheduler and a vae or vqvae",
         )
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    sched_cfg = read_json(sched_file)
-    if sched_cfg is None:
+    sched_cfg = read_scheduler_config(lay)
+    units = scheduler_units(sched_cfg, str(lay.scheduler_config))
+    check_unconditional(lay.unet_dir)
+    ae_dir = lay.autoencoder_dir
+    assert ae_dir is not None
+    ae_cls_name = AUTOENCODERS[lay.autoencoder]
+    ae_file = ae_dir / "config.json"
+    ae_config = read_json(ae_file)
+    if ae_config is None:
         raise ModelLoadError(
-            f"{sched_file} is missing or not a JSON object", "re-save the scheduler with save_pretrained"
+            f"{ae_file} {'is not a JSON object' if ae_file.is_file() else 'is missing'}",
+            "download the model again, or restore the autoencoder's config.json",
         )
-    units = scheduler_units(sched_cfg, str(sched_file))
-    check_unconditional(path / "unet")
-    ae_cls_name = AUTOENCODERS[ae_dir.name]
-    found = (read_json(ae_dir / "config.json") or {}).get("_class_name")
+    found = ae_config.get("_class_name")
     if found != ae_cls_name:
         raise ModelLoadError(
             f"{ae_dir} holds a {found!r}, expected {ae_cls_name}", "re-save the autoencoder with save_pretrained"
@@ -157,7 +177,7 @@ def load(
 
     variant = options.get("variant")
     unet, unet_w, loader = load_component(
-        diffusers.UNet2DModel, path / "unet", dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
+        diffusers.UNet2DModel, lay.unet_dir, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
     )
     ae, ae_w, ae_loader = load_component(
         getattr(diffusers, ae_cls_name), ae_dir, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
@@ -166,7 +186,7 @@ def load(
     ae = prepare(ae.to(device), dtype)
     shape = sample_shape(unet.config)
     channels = shape[0] if units.learned_variance and unet.config.out_channels == 2 * shape[0] else None
-    scaling = float(ae.config.scaling_factor)
+    scaling, scaling_source = latent_scaling(ae_config, ae_cls_name, ae.config.scaling_factor)
     shift = getattr(ae.config, "shift_factor", None)
     digest, per_file = hash_files(unet_w.files + ae_w.files, path)
     info = ProbeInfo(
@@ -181,12 +201,15 @@ def load(
             "latent": True,
             "autoencoder": ae_cls_name,
             "scaling_factor": scaling,
+            "scaling_factor_source": scaling_source,
             "shift_factor": shift,
             "latent_coordinates": "z = scaling_factor * (E(image) - shift_factor)",
             "image_range": list(IMAGE_RANGE),
             "data_range": [-1.0, 1.0],
             "weights_files": per_file,
             "weights_format": unet_w.format if unet_w.format == ae_w.format else f"{unet_w.format}+{ae_w.format}",
+            "weights_variant": unet_w.variant,
+            "config_diffusers_version": (read_json(lay.unet_dir / "config.json") or {}).get("_diffusers_version"),
             "weights_loader": loader if loader == ae_loader else f"{loader}+{ae_loader}",
             "attention_processor": "AttnProcessor",
             "diffusers_version": diffusers.__version__,

@@ -2,6 +2,8 @@
 
 * :class:`GaussianMixture` — data Σ w_k N(μ_k, diag(c_k²)); under a process the time-t marginal is the
   mixture Σ w_k N(α μ_k, diag(α² c_k² + σ²)), whose score is exact and computed log-sum-exp stably.
+* :class:`TurnedGaussian` — data N(m, Q diag(c²) Qᵀ) with Q a fixed product of Householder reflections:
+  a Gaussian whose every score component depends on every coordinate, at O(D) cost per sample.
 * :class:`LinearField` — s(x) = A x with A = S + K split into symmetric S and antisymmetric K parts.
 * :func:`gradient_field` — ∇φ of any scalar torch function φ, by autograd (exactly conservative).
 
@@ -17,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from conservcheck import rng
 from conservcheck.errors import UsageError
 from conservcheck.probe import ProbeInfo, VectorFieldProbe
 from conservcheck.process import OUProcess, Process
@@ -95,6 +98,62 @@ class GaussianMixture:
         return (self.means[idx] + self.stds[idx] * z).reshape(n, *self.sample_shape)
 
 
+class TurnedGaussian:
+    """Gaussian data N(m, Q diag(c²) Qᵀ) noised by ``process``, with Q = H_1 ⋯ H_R a product of Householder
+    reflections H_r = I − 2 u_r u_rᵀ (u_r unit vectors from the stream (seed, "turned_gaussian", r)).
+
+    Its score at time t is s(x) = −Q diag(1/(α² c² + σ²)) Qᵀ (x − α m): exactly a gradient, with the
+    spectrum of the diagonal Gaussian N(m, diag(c²)) (same scale), but a dense Jacobian, so every component
+    of s depends on every coordinate of x. Applying Q costs O(R·D) per sample, whatever D.
+
+    Args:
+        mean, std: [D] mean m and standard deviations c of the clean data (before turning).
+        process, sample_shape: as for :class:`GaussianMixture`.
+        reflections: R; seed: the stream's seed.
+    """
+
+    def __init__(
+        self,
+        mean: Tensor,
+        std: Tensor,
+        process: Process | None = None,
+        sample_shape: tuple[int, ...] | None = None,
+        reflections: int = 2,
+        seed: int = 0,
+    ) -> None:
+        self.mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        self.std = torch.as_tensor(std, dtype=torch.float64).flatten()
+        d = self.mean.numel()
+        if self.std.shape != (d,) or bool((self.std < 0).any()):
+            raise UsageError("std must have the mean's D entries and be non-negative", "pass [D] tensors")
+        self.process = process if process is not None else OUProcess()
+        self.sample_shape = sample_shape if sample_shape is not None else (d,)
+        if math.prod(self.sample_shape) != d:
+            raise UsageError(f"sample_shape {self.sample_shape} does not hold {d} components", "match it to D")
+        units = [rng.normal((d,), seed, "turned_gaussian", r, dtype=torch.float64) for r in range(reflections)]
+        self.reflections = [u / u.norm() for u in units]
+
+    def _turn(self, y: Tensor, order: list[Tensor]) -> Tensor:
+        for u in order:
+            u = u.to(y)
+            y = y - 2 * (y @ u)[:, None] * u[None]
+        return y
+
+    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """−Q diag(1/(α² c² + σ²)) Qᵀ (x − α m), shape of x."""
+        xf = x.reshape(x.shape[0], -1)
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
+        a = self.process.alpha(tb).to(xf.dtype)[:, None]
+        s2 = (self.process.sigma(tb) ** 2).to(xf.dtype)[:, None]
+        var = a**2 * self.std.to(xf)[None] ** 2 + s2
+        # Qᵀy = H_R ⋯ H_1 y applies H_1 first; Qy = H_1 ⋯ H_R y applies H_R first.
+        y = self._turn(xf - a * self.mean.to(xf)[None], self.reflections)
+        return self._turn(-y / var, self.reflections[::-1]).reshape(x.shape)
+
+    __call__ = score
+
+
 class LinearField:
     """s(x) = A x (time independent) with A = S + K, S symmetric, K antisymmetric.
 
@@ -155,4 +214,4 @@ def as_probe(
     )
 
 
-__all__ = ["GaussianMixture", "LinearField", "as_probe", "gradient_field"]
+__all__ = ["GaussianMixture", "LinearField", "TurnedGaussian", "as_probe", "gradient_field"]

@@ -45,7 +45,8 @@ from torch import Tensor
 
 from conservcheck.analytic.fields import GaussianMixture
 from conservcheck.analytic.funnel import Funnel
-from conservcheck.errors import UsageError
+from conservcheck.errors import UsageError, reason
+from conservcheck.files import input_file
 from conservcheck.process import Process
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -357,23 +358,41 @@ def _options(text: str, allowed: tuple[str, ...], spec: str) -> dict[str, float]
 
 
 def _load_arrays(path: Path, spec: str) -> dict[str, Tensor] | Tensor:
-    """Read .npy (array), .npz (arrays), .pt / .pth (tensor or dict) or .json (dict of lists)."""
-    if not path.is_file():
-        raise UsageError(f"reference file {str(path)!r} not found", f"check the path in {spec!r}")
-    suffix = path.suffix.lower()
-    if suffix in (".npy", ".npz"):
-        import numpy as np
+    """Read .npy (array), .npz (arrays), .pt / .pth (tensor or dict) or .json (dict of lists).
 
-        loaded = np.load(path, allow_pickle=False)
-        if suffix == ".npy":
-            return torch.from_numpy(np.asarray(loaded))
-        return {k: torch.from_numpy(loaded[k]) for k in loaded.files}
-    if suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: torch.as_tensor(v) for k, v in obj.items()} if isinstance(obj, dict) else torch.as_tensor(obj)
-    if suffix == ".json":
-        return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in json.loads(path.read_text()).items()}
-    raise UsageError(f"unsupported reference file type {suffix!r}", "use .npy, .npz, .pt or .json")
+    Only regular files are read; nothing is unpickled (``weights_only`` for torch files, no pickles in
+    numpy files), and a damaged or unexpected file is one :class:`UsageError`.
+    """
+    if not path.exists():
+        raise UsageError(f"reference file {str(path)!r} not found", f"check the path in {spec!r}")
+    input_file(path, "reference file", f"check the path in {spec!r}")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz", ".pt", ".pth", ".json"):
+        raise UsageError(f"unsupported reference file type {suffix!r}", "use .npy, .npz, .pt or .json")
+    try:
+        if suffix in (".npy", ".npz"):
+            import numpy as np
+
+            loaded = np.load(path, allow_pickle=False)
+            if suffix == ".npy":
+                return torch.from_numpy(np.asarray(loaded))
+            return {k: torch.from_numpy(loaded[k]) for k in loaded.files}
+        if suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                return {str(k): torch.as_tensor(v) for k, v in obj.items()}
+            return torch.as_tensor(obj)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("the JSON file is not an object of arrays")
+        return {str(k): torch.as_tensor(v, dtype=torch.float64) for k, v in data.items()}
+    except UsageError:
+        raise
+    except Exception as err:  # numpy, torch and json raise many types for damaged, pickled or odd files
+        raise UsageError(
+            f"cannot read reference file {str(path)!r}: {reason(err)}",
+            "save plain arrays (.npy/.npz), a tensor dict saved with torch.save, or a JSON object of arrays",
+        ) from None
 
 
 def _mixture_from_file(path: Path, spec: str, probe: Any) -> GaussianMixture:

@@ -1,12 +1,18 @@
-"""The ``conservcheck`` command: audit, merge, plot, compare, gate and transport.
+"""The ``conservcheck`` command: audit, fetch, merge, report, plot, compare, gate, transport and selftest.
 
 A thin layer over the API: ``conservcheck audit`` has one flag per option of
 :func:`conservcheck.runner.options.audit_options` (built from that table) and calls
 :func:`conservcheck.runner.audit.audit`. Tables and the verdict go to stdout (to stderr when ``--json -`` or
-``--csv -`` put data on stdout); logs and the progress bar go to stderr. Every user mistake prints one
-line ``error: …`` and exits with code 2; a ``--fail-if`` condition that holds exits with 1; Ctrl-C (or
-SIGTERM, as a batch scheduler sends at its time limit) exits with 130 after saying how to resume. typer
-and rich are imported here only.
+``--csv -`` put data on stdout); logs and the progress bar go to stderr. typer and rich are imported here
+only.
+
+One exit-code contract for every command (:mod:`conservcheck.errors`, docs/cli.md): 0 done, 1 a
+``--fail-if`` condition holds (or a self-test check misses), 2 a usage or input error — one line
+``error: …`` —, 3 an internal error — one line, the traceback in a log file it names (printed with
+``conservcheck --debug``) —, 130 interrupted (Ctrl-C or SIGTERM, with how to resume an audit). A closed
+stdout (``… | head``) stops the output and nothing else: files are written, gates applied, and the exit
+code is the command's own. Before any work, every output path is checked to be writable and distinct from
+every input and from the other outputs.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -27,7 +36,17 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from conservcheck.cli import display
-from conservcheck.errors import ConservcheckError, UsageError
+from conservcheck.errors import (
+    EXIT_GATE,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConservcheckError,
+    UsageError,
+    reason,
+)
+from conservcheck.files import check_distinct, check_writable
 from conservcheck.runner.options import audit_options
 from conservcheck.version import __version__
 
@@ -50,8 +69,43 @@ def _click_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
+def _debug() -> bool:
+    return _DEBUG["on"] or os.environ.get("CONSERVCHECK_DEBUG", "") not in ("", "0")
+
+
+_DEBUG = {"on": False}
+
+
+def _internal(err: BaseException) -> None:
+    """An internal error: one line naming it and where its traceback is (printed too with --debug)."""
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    where = ""
+    try:
+        fd, log_path = tempfile.mkstemp(prefix="conservcheck-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"conservcheck {__version__}\nargv: {sys.argv}\n\n{text}")
+        where = f"the traceback is in {log_path}; "
+    except OSError:
+        pass
+    if _debug():
+        typer.echo(text, err=True, nl=False)
+    what = reason(err) if not isinstance(err, SystemExit) else f"sys.exit({err.code!r}) was called inside conservcheck"
+    _error(
+        f"internal error: {what} (a bug in conservcheck: {where}run with conservcheck --debug to print it, "
+        "and please report it)"
+    )
+
+
 class _Group(TyperGroup):
-    """Turns every usage mistake into one ``error: …`` line with exit code 2 (never a traceback)."""
+    """Maps every outcome to the exit-code contract (module doc): one ``error: …`` line, never a traceback
+    unless ``--debug``."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _error("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     def main(
         self,
@@ -62,29 +116,42 @@ class _Group(TyperGroup):
         **extra: Any,
     ) -> Any:
         try:
-            rv = super().main(
-                args=args,
-                prog_name=prog_name or "conservcheck",
-                complete_var=complete_var,
-                standalone_mode=False,
-                **extra,
-            )
+            with _terminate_as_interrupt():
+                rv = super().main(
+                    args=args,
+                    prog_name=prog_name or "conservcheck",
+                    complete_var=complete_var,
+                    standalone_mode=False,
+                    **extra,
+                )
         except _click_errors() as err:
             if type(err).__name__ == "NoArgsIsHelpError" and getattr(err, "ctx", None) is not None:
                 typer.echo(err.ctx.get_help(), err=True)  # type: ignore[attr-defined]
             else:
                 _error(err.format_message())  # type: ignore[attr-defined]
-            sys.exit(getattr(err, "exit_code", 2))
+            sys.exit(getattr(err, "exit_code", EXIT_USAGE))
         except typer.Abort:
             _error("aborted")
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            _error("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
         except ConservcheckError as err:
             _error(str(err))
             sys.exit(err.exit_code)
+        except MemoryError:
+            _error("out of memory (lower --samples, --points, --block or --batch-size, or set --memory-budget)")
+            sys.exit(EXIT_USAGE)
+        except BrokenPipeError as err:  # a pipe other than stdout: not the user's doing
+            _internal(err)
+            sys.exit(EXIT_INTERNAL)
         except OSError as err:  # a file that cannot be read or written: the user's environment, not a bug
             _error(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
-            sys.exit(2)
-        sys.exit(rv if isinstance(rv, int) else 0)
+            sys.exit(EXIT_USAGE)
+        except (Exception, SystemExit) as err:  # noqa: BLE001 — the contract's exit 3, with the traceback kept
+            _internal(err)
+            sys.exit(EXIT_INTERNAL)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 app = typer.Typer(
@@ -106,8 +173,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Print the traceback of an internal error (exit code 3) on stderr."
+    ),
 ) -> None:
     """conservcheck: is a diffusion model's vector field a score (a conservative field)?"""
+    _DEBUG["on"] = debug
 
 
 # ------------------------------------------------------------------------------------------- plumbing
@@ -167,16 +238,26 @@ def _progress(err: Console, enabled: bool) -> Iterator[Any]:
         lines.setLevel(old_level)
 
 
-def _writable(*paths: str | None) -> None:
-    """Refuse output paths that cannot be written before any work is spent."""
-    for p in paths:
-        if not p or p == "-":
-            continue
-        folder = os.path.dirname(os.path.abspath(p))
-        if not os.path.isdir(folder):
-            raise UsageError(f"cannot write {p}: folder {folder} does not exist", "create it or choose another path")
-        if not os.access(folder, os.W_OK) or os.path.isdir(p):
-            raise UsageError(f"cannot write {p}", "choose a writable file path")
+def _outputs(inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+    """Refuse, before any work is spent, an output that cannot be written or that names an input or
+    another output (an overwritten input is lost; two outputs on one file leave only the last)."""
+    for flag, path in outputs.items():
+        if path not in (None, "", "-") and not flag.endswith("rows file"):
+            check_writable(path, flag)
+    check_distinct(inputs, outputs)
+
+
+def _local(path: str | None) -> str | None:
+    """A local file named by an input reference (``file.npz#key`` → ``file.npz``), or None."""
+    if not path or "://" in path:
+        return None
+    base, sep, key = path.rpartition("#")
+    return base if sep and key and "/" not in key else path
+
+
+def _rows_file(json_path: str | None) -> str | None:
+    """The rows side file a large report writes beside its JSON (``r.json`` → ``r.rows.csv``)."""
+    return str(Path(json_path).with_suffix(".rows.csv")) if json_path not in (None, "-") else None
 
 
 def _gates(texts: list[str]) -> list[Any]:
@@ -185,41 +266,166 @@ def _gates(texts: list[str]) -> list[Any]:
     return [parse(t) for t in texts]
 
 
-def _apply_gates(exprs: list[Any], report: Any, junit: str | None, console: Console) -> int:
+def _apply_gates(
+    exprs: list[Any],
+    report: Any,
+    junit: str | None,
+    console: Console,
+    baseline: Any = None,
+    allow_seed_change: bool = False,
+) -> tuple[int, list[Any]]:
+    """Evaluate the gates, print one line per condition (and its values); (exit code, results)."""
     from conservcheck.report.gate import evaluate, write_junit
 
-    results = [evaluate(e, report) for e in exprs]
+    results = [evaluate(e, report, baseline, allow_seed_change=allow_seed_change) for e in exprs]
     for r in results:
         display.line(console, f"gate {'FAIL' if r.holds else 'ok'}: {r.expression.text}")
         for d in r.details[:10]:
             display.line(console, f"  {d}")
     if junit:
         write_junit(junit, results, report)
-    return 1 if any(r.holds for r in results) else 0
+    return (EXIT_GATE if any(r.holds for r in results) else EXIT_OK), results
+
+
+FORMATS = ("text", "github")
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise UsageError(f"--format: expected {' or '.join(FORMATS)}, got {fmt!r}", "use --format github in Actions")
+    return fmt
+
+
+def _read_baseline(path: str | None, report: Any, allow_seed_change: bool, fmt: str) -> Any:
+    """The baseline report at ``path`` (None without one), refused unless comparable with ``report``; in the
+    github format a refusal is also an ``::error`` annotation."""
+    if path is None:
+        if allow_seed_change:
+            raise UsageError("--allow-seed-change applies to a comparison", "add --baseline OLD.json")
+        return None
+    from conservcheck.report.baseline import check_comparable
+
+    try:
+        baseline = _read(path)
+        check_comparable(report, baseline, allow_seed_change=allow_seed_change)
+    except UsageError as err:
+        if fmt == "github":
+            from conservcheck.report.github import command
+
+            typer.echo(command("error", str(err), "conservcheck"))
+        raise
+    return baseline
+
+
+def _publish(
+    report: Any,
+    results: list[Any],
+    console: Console,
+    fmt: str,
+    baseline: Any = None,
+    baseline_path: str | None = None,
+    html_path: str | None = None,
+) -> None:
+    """The outputs beyond the console: GitHub annotations and job summary, the HTML page."""
+    comparisons = None
+    if baseline is not None:
+        from conservcheck.report.baseline import headline_comparisons
+
+        comparisons = headline_comparisons(report, baseline)
+        display.comparison(console, report, comparisons)
+    if fmt == "github":
+        from conservcheck.report.github import summary_markdown, workflow_commands, write_step_summary
+
+        for a in workflow_commands(report, results):
+            typer.echo(a)
+        markdown = summary_markdown(report, results, comparisons, baseline_path)
+        if write_step_summary(markdown) is None:
+            typer.echo("conservcheck: GITHUB_STEP_SUMMARY is not set; the job summary follows on stdout", err=True)
+            typer.echo(markdown)
+    if html_path:
+        from conservcheck.report.html import write_html
+
+        write_html(
+            html_path,
+            report,
+            baseline=baseline,
+            comparisons=comparisons,
+            baseline_name=baseline_path,
+            results=results,
+        )
+        display.line(console, f"html report: {html_path}")
 
 
 # ---------------------------------------------------------------------------------------------- audit
 
 
-def _check_outputs(json_path: str | None, csv_path: str | None, junit: str | None, exprs: list[Any]) -> None:
+def _check_outputs(
+    json_path: str | None,
+    csv_path: str | None,
+    junit: str | None,
+    exprs: list[Any],
+    inputs: dict[str, Any],
+    html_path: str | None = None,
+) -> None:
     if json_path == "-" and csv_path == "-":
         raise UsageError("--json - and --csv - would both write to stdout", "write one of them to a file")
     if junit and not exprs:
         raise UsageError("--junit needs at least one --fail-if condition", "add --fail-if 'verdict != pass'")
-    _writable(json_path, csv_path, junit)
+    outputs = {
+        "--json": json_path,
+        "--csv": csv_path,
+        "--junit": junit,
+        "--json rows file": _rows_file(json_path),
+        "--html": html_path,
+    }
+    _outputs(inputs, outputs)
+
+
+def _needs_baseline(exprs: list[Any], baseline_path: str | None) -> None:
+    from conservcheck.report.gate import needs_baseline
+
+    for e in exprs:
+        if needs_baseline(e) and baseline_path is None:
+            raise UsageError(
+                f"--fail-if {e.text!r}: 'worse by' compares with a baseline report", "add --baseline OLD.json"
+            )
 
 
 def _finish_report(
-    report: Any, json_path: str | None, csv_path: str | None, junit: str | None, exprs: list[Any]
+    report: Any,
+    json_path: str | None,
+    csv_path: str | None,
+    junit: str | None,
+    exprs: list[Any],
+    html_path: str | None = None,
+    baseline_path: str | None = None,
+    allow_seed_change: bool = False,
+    fmt: str = "text",
 ) -> None:
-    """Write the report files (each atomically), print tables and verdict, apply the gates, exit."""
+    """Write the report files (each atomically), print tables and verdict, apply the gates, exit; only then
+    is the audit's default partial-results file removed (a failed write keeps it and names it)."""
+    from conservcheck.runner.audit import discard_partial_results
+
     console = display.out_console(json_path == "-" or csv_path == "-")
-    if json_path:
-        report.to_json(json_path)
-    if csv_path:
-        report.to_csv(csv_path)
+    try:
+        if json_path:
+            report.to_json(json_path)
+        if csv_path:
+            report.to_csv(csv_path)
+    except OSError as err:
+        kept = getattr(report, "default_partial_results", None) or report.run.get("partial_results")
+        where = f"; the finished units are kept in {kept}" if kept else ""
+        raise UsageError(
+            f"cannot write {err.filename or json_path}: {err.strerror or err}{where}",
+            f"free space or choose another path, then run again with --resume {kept}"
+            if kept
+            else "free space or choose another path",
+        ) from None
     display.show(report, console)
-    code = _apply_gates(exprs, report, junit, console) if exprs else 0
+    baseline = _read_baseline(baseline_path, report, allow_seed_change, fmt)
+    code, results = _apply_gates(exprs, report, junit, console, baseline, allow_seed_change) if exprs else (EXIT_OK, [])
+    _publish(report, results, console, fmt, baseline, baseline_path, html_path)
+    discard_partial_results(report)
     raise typer.Exit(code)
 
 
@@ -249,24 +455,61 @@ def _run_audit(
     junit: str | None,
     fail_if: list[str],
     quiet: bool,
+    html_path: str | None = None,
+    baseline_path: str | None = None,
+    allow_seed_change: bool = False,
+    fmt: str = "text",
     **options: Any,
 ) -> None:
     from conservcheck.runner.audit import AuditInterrupted, audit
 
     exprs = _gates(fail_if or [])
-    _check_outputs(json_path, csv_path, junit, exprs)
-    given = {k: v for k, v in options.items() if v is not None and v is not False}
-    with _logging(quiet) as err, _terminate_as_interrupt():
+    stein = options.get("stein") or ""
+    inputs = {
+        "MODEL": model if os.path.exists(model) else None,
+        "--data": _local(options.get("data")),
+        "--resume": options.get("resume"),
+        "--stein": stein.partition(":")[2] if ":" in stein else None,
+    }
+    if baseline_path is not None:
+        inputs["--baseline"] = baseline_path
+    _check_outputs(json_path, csv_path, junit, exprs, inputs, html_path)
+    _needs_baseline(exprs, baseline_path)
+    fmt = _check_format(fmt)
+    if baseline_path is not None:
+        _read(baseline_path)  # a missing or unreadable baseline is refused before the audit runs
+    given = {k: v for k, v in options.items() if v is not None and v is not False and v != []}
+    with _logging(quiet) as err:
         try:
             with _progress(err, not quiet) as progress:
-                report = audit(model, progress=progress, **given)
+                report = audit(model, progress=progress, keep_partial_results=True, **given)
         except AuditInterrupted as stop:
             _error(f"interrupted; {stop.n_done} finished units are saved — resume with {stop.resume_flags}")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except KeyboardInterrupt:
             _error("interrupted before any unit finished (nothing to resume; run the command again)")
-            raise typer.Exit(130) from None
-    _finish_report(report, json_path, csv_path, junit, exprs)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    _finish_report(report, json_path, csv_path, junit, exprs, html_path, baseline_path, allow_seed_change, fmt)
+
+
+HTML_OPTION = typer.Option(
+    None, "--html", metavar="PATH", help="Write the report as one self-contained HTML page (figures embedded)."
+)
+BASELINE_OPTION = typer.Option(
+    None,
+    "--baseline",
+    metavar="OLD.json",
+    help="A baseline report: compared per time point, and the reference of 'worse by' conditions.",
+)
+SEED_CHANGE_OPTION = typer.Option(
+    False, "--allow-seed-change", help="Compare with a baseline audited with another seed (independent draws)."
+)
+FORMAT_OPTION = typer.Option(
+    "text",
+    "--format",
+    metavar="text|github",
+    help="github: also ::error/::warning annotations and a Markdown summary in $GITHUB_STEP_SUMMARY.",
+)
 
 
 def _audit_signature() -> list[inspect.Parameter]:
@@ -289,6 +532,21 @@ def _audit_signature() -> list[inspect.Parameter]:
         if o.is_flag:
             params.append(
                 inspect.Parameter(o.name, kw, annotation=bool, default=typer.Option(False, o.flag, help=o.help))
+            )
+        elif o.multiple:
+            params.append(
+                inspect.Parameter(
+                    o.name,
+                    kw,
+                    annotation=list[str] | None,
+                    default=typer.Option(
+                        None,
+                        o.flag,
+                        help=f"{o.help} [default: {shown}]",
+                        metavar=o.metavar,
+                        show_default=False,
+                    ),
+                )
             )
         else:
             params.append(
@@ -339,6 +597,10 @@ def _audit_signature() -> list[inspect.Parameter]:
             annotation=bool,
             default=typer.Option(False, "--quiet", "-q", help="No logs and no progress bar."),
         ),
+        inspect.Parameter("html_path", kw, annotation=str | None, default=HTML_OPTION),
+        inspect.Parameter("baseline_path", kw, annotation=str | None, default=BASELINE_OPTION),
+        inspect.Parameter("allow_seed_change", kw, annotation=bool, default=SEED_CHANGE_OPTION),
+        inspect.Parameter("fmt", kw, annotation=str, default=FORMAT_OPTION),
     ]
     return params
 
@@ -347,7 +609,8 @@ def _audit_command(**kwargs: Any) -> None:
     """Audit a model: loop integrals, curl and Stein diagnostics at several time points.
 
     Prints one table per diagnostic (rows: time points; columns: statistics) and a one-line verdict.
-    Exit codes: 0 done, 1 a --fail-if condition holds, 2 usage error, 130 interrupted (Ctrl-C, SIGTERM).
+    Exit codes: 0 done, 1 a --fail-if condition holds, 2 usage or input error, 3 internal error, 130
+    interrupted (Ctrl-C, SIGTERM).
     """
     _run_audit(**kwargs)
 
@@ -355,6 +618,36 @@ def _audit_command(**kwargs: Any) -> None:
 _audit_command.__signature__ = inspect.Signature(_audit_signature())  # type: ignore[attr-defined]
 _audit_command.__annotations__ = {p.name: p.annotation for p in _audit_signature()}
 app.command("audit")(_audit_command)
+
+
+@app.command("fetch")
+def fetch_cmd(
+    model: str = typer.Argument(..., metavar="MODEL", help="Hub model: owner/name or owner/name@revision."),
+    revision: str | None = typer.Option(
+        None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit) of MODEL. [default: main]"
+    ),
+    cache_dir: str | None = typer.Option(
+        None,
+        "--cache-dir",
+        metavar="DIR",
+        help="Hub cache folder to fill (the folder audit --cache-dir reads). [default: the Hugging Face cache]",
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs."),
+) -> None:
+    """Download the files of a hub model that conservcheck reads, and print the snapshot folder.
+
+    For machines without network: fetch where there is network, copy the cache folder, then audit there
+    with HF_HUB_OFFLINE=1. Only what the adapters read is downloaded (one weights format, no ONNX or Flax
+    exports); the commit, files and sizes go to stderr, the snapshot folder to stdout. With HF_HUB_OFFLINE=1
+    it checks the cache instead of downloading. Exit codes: 0 done, 2 usage error or a model that cannot be
+    fetched.
+    """
+    from conservcheck.adapters.resolve import fetch
+
+    with _logging(quiet):
+        folder, adapter = fetch(model, revision=revision, cache_dir=cache_dir)
+        log.info("%s: read by the %s adapter; load it offline with HF_HUB_OFFLINE=1", folder.name[:12], adapter)
+    typer.echo(str(folder))
 
 
 @app.command("merge")
@@ -373,8 +666,12 @@ def merge_cmd(
         [], "--fail-if", metavar="EXPR", help="Exit with 1 when this condition holds (repeatable)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs."),
+    html_path: str | None = HTML_OPTION,
+    baseline_path: str | None = BASELINE_OPTION,
+    allow_seed_change: bool = SEED_CHANGE_OPTION,
+    fmt: str = FORMAT_OPTION,
 ) -> None:
-    """Combine the partial-results files of a sharded audit into its report (identical to an unsharded run).
+    """Combine the partial-results files of a sharded audit into its report (that of an unsharded run).
 
     Refuses files of different audits, and names the missing units, their shard and the command that
     finishes them when the files do not hold every unit. Exit codes as for audit.
@@ -382,10 +679,15 @@ def merge_cmd(
     from conservcheck.runner.merge import merge
 
     exprs = _gates(fail_if or [])
-    _check_outputs(json_path, csv_path, junit, exprs)
+    inputs = {f"FILE {i + 1}": j for i, j in enumerate(journals)}
+    if baseline_path is not None:
+        inputs["--baseline"] = baseline_path
+    _check_outputs(json_path, csv_path, junit, exprs, inputs, html_path)
+    _needs_baseline(exprs, baseline_path)
+    fmt = _check_format(fmt)
     with _logging(quiet):
         report = merge(journals)
-    _finish_report(report, json_path, csv_path, junit, exprs)
+    _finish_report(report, json_path, csv_path, junit, exprs, html_path, baseline_path, allow_seed_change, fmt)
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -408,7 +710,10 @@ def plot(
 
     if fmt not in ("png", "svg"):
         raise UsageError(f"--format: expected png or svg, got {fmt!r}", "use --format png or --format svg")
-    for path in plot_report(_read(report), out, fmt):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a folder", "give --out a folder for the figures")
+    rep = _read(report)
+    for path in plot_report(rep, out, fmt):
         typer.echo(str(path))
 
 
@@ -433,6 +738,7 @@ def compare_cmd(
             table.add_column(name, justify="right")
         for _, r in rows.iterrows():
             label = f"k={r['time_index']}" if not _isna(r["time_index"]) else f"t={r['t']:.4g}"
+            label += "" if _isna(r["guidance"]) else f", w={r['guidance']:g}"
             table.add_row(label, display.fmt(r["median_a"]), display.fmt(r["median_b"]), display.fmt(r["ratio"]))
         console.print(table)
     display.line(console, f"A {a}: verdict {ra.verdict}")
@@ -449,15 +755,51 @@ def _isna(v: Any) -> bool:
 def gate_cmd(
     report: str = typer.Argument(..., metavar="REPORT", help="A JSON report written with --json."),
     fail_if: list[str] = typer.Option(..., "--fail-if", metavar="EXPR", help="Condition (repeatable)."),
+    baseline_path: str | None = BASELINE_OPTION,
+    allow_seed_change: bool = SEED_CHANGE_OPTION,
     junit: str | None = typer.Option(None, "--junit", metavar="PATH", help="Write JUnit XML."),
+    html_path: str | None = HTML_OPTION,
+    fmt: str = FORMAT_OPTION,
 ) -> None:
-    """Check --fail-if conditions on an existing report (exit 1 when one holds)."""
+    """Check --fail-if conditions on an existing report, absolute or against a baseline (exit 1 when one holds).
+
+    'worse by P%' conditions compare the per-sample values with --baseline: they hold only when the ratio of
+    medians exceeds 1 + P/100 with 95% confidence. Reports whose time points, loops or seeds differ are
+    refused (exit 2).
+    """
     exprs = _gates(fail_if)
-    _writable(junit)
+    _needs_baseline(exprs, baseline_path)
+    fmt = _check_format(fmt)
+    inputs = {"REPORT": report, "REPORT rows file": _rows_file(report), "--baseline": baseline_path}
+    _outputs(inputs, {"--junit": junit, "--html": html_path})
     rep = _read(report)
+    baseline = _read_baseline(baseline_path, rep, allow_seed_change, fmt)
     console = display.out_console(False)
     display.line(console, f"verdict: {rep.verdict}")
-    raise typer.Exit(_apply_gates(exprs, rep, junit, console))
+    code, results = _apply_gates(exprs, rep, junit, console, baseline, allow_seed_change)
+    _publish(rep, results, console, fmt, baseline, baseline_path, html_path)
+    raise typer.Exit(code)
+
+
+@app.command("report")
+def report_cmd(
+    report: str = typer.Argument(..., metavar="REPORT", help="A JSON report written with --json."),
+    html_path: str | None = HTML_OPTION,
+    baseline_path: str | None = BASELINE_OPTION,
+    allow_seed_change: bool = SEED_CHANGE_OPTION,
+    fmt: str = FORMAT_OPTION,
+) -> None:
+    """Show a saved report: its tables and verdict, with --html as one self-contained page, with --baseline
+    beside a baseline report (ratios of medians per time point with bootstrap intervals)."""
+    fmt = _check_format(fmt)
+    _outputs(
+        {"REPORT": report, "REPORT rows file": _rows_file(report), "--baseline": baseline_path}, {"--html": html_path}
+    )
+    rep = _read(report)
+    baseline = _read_baseline(baseline_path, rep, allow_seed_change, fmt)
+    console = display.out_console(False)
+    display.show(rep, console)
+    _publish(rep, [], console, fmt, baseline, baseline_path, html_path)
 
 
 @app.command("transport")
@@ -484,7 +826,12 @@ def transport_cmd(
     from conservcheck.files import write_atomic
     from conservcheck.runner.audit import load_model
     from conservcheck.runner.options import resolve_options
+    from conservcheck.runner.size_guard import check_memory
 
+    _outputs(
+        {"MODEL": model if os.path.exists(model) else None, "--reference": _local(reference.partition(":")[2])},
+        {"--json": json_path},
+    )
     opts = resolve_options(
         {
             "device": device,
@@ -495,6 +842,13 @@ def transport_cmd(
         }
     )
     probe = load_model(model, opts, {"device", "precision", "revision", "trust_remote_code"})
+    # Trajectories of both fields and their float64 copies: a few arrays of samples × D at once.
+    check_memory(
+        32 * samples * probe.dim,
+        f"transport check would hold about {32 * samples * probe.dim / 2**30:.3g} GB ({samples} samples × "
+        f"{probe.dim} components)",
+        "lower --samples",
+    )
     ref = resolve_reference(reference, probe)
     kw = {k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None}
     result = transport_check(probe, ref, n_samples=samples, seed=seed, n_steps=steps, **kw)
@@ -536,12 +890,53 @@ def selftest_cmd(
     console.print(table)
     failed = sum(not c.ok for c in checks)
     display.line(console, f"selftest: {len(checks) - failed} of {len(checks)} checks passed")
-    raise typer.Exit(1 if failed else 0)
+    raise typer.Exit(EXIT_GATE if failed else EXIT_OK)
+
+
+class _ClosedPipeSafe:
+    """A standard stream that a reader closing its end (``… | head``) cannot break: on the first broken
+    pipe the stream's file descriptor is pointed at the null device, and the command goes on (files
+    written, gates applied, its own exit code) with nothing more shown."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _silence(self) -> None:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``conservcheck`` command."""
-    typer.main.get_command(app).main(args=argv, prog_name="conservcheck")
+    streams = {name: getattr(sys, name) for name in ("stdout", "stderr")}
+    for name, stream in streams.items():
+        if stream is not None and not isinstance(stream, _ClosedPipeSafe):
+            setattr(sys, name, _ClosedPipeSafe(stream))
+    try:
+        typer.main.get_command(app).main(args=argv, prog_name="conservcheck")
+    finally:
+        for name, stream in streams.items():
+            setattr(sys, name, stream)
 
 
 if __name__ == "__main__":

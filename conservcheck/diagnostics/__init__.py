@@ -75,7 +75,18 @@ class Diagnostic:
         abs_columns: signed columns whose absolute value the report adds as ``abs_<column>``.
         figures: metric-against-time figures; ``box_metrics``: per-sample box plots per time point.
         floor: ``floor(values) -> float``: a floor its own values carry beyond the control's (the loop
-            integral's quadrature error), from a model unit's columns; None when there is none.
+            integral's quadrature error), from a model unit's columns; None when there is none. A check
+            that only this floor keeps from being a violation is *not resolved* at the unit's
+            discretisation (:mod:`conservcheck.report.verdict`): more nodes would lower the floor.
+        pooled: metric → (numerator column, denominator column, factor): the metric pooled over samples,
+            factor · √(Σ numerator / Σ denominator), reported beside its per-sample median (the curl's
+            ‖J − Jᵀ‖ / (2‖J‖) over all samples).
+        coupled_control: the control field of its units is the Gaussian control turned by a fixed
+            orthogonal map, so that every coordinate of the field depends on every other: a method whose
+            rounding acts through those couplings (central differences) shows its floor on the control,
+            which a diagonal field, whose off-diagonal Jacobian is exactly zero by any method, never does.
+        control_follows: meta keys of a model unit passed as keywords to its control unit (the curl's
+            Jacobian ``strategy``), so the floor is measured with the method the model's value was.
     """
 
     name: str
@@ -89,6 +100,9 @@ class Diagnostic:
     figures: tuple[Figure, ...] = ()
     box_metrics: tuple[str, ...] = ()
     floor: Callable[[Mapping[str, list[Any]]], float] | None = None
+    pooled: Mapping[str, tuple[str, str, float]] = field(default_factory=dict)
+    coupled_control: bool = False
+    control_follows: tuple[str, ...] = ()
 
     def headline_metric(self, variant: str) -> str | None:
         """The verdict metric of ``variant``, or None when it takes no part in the verdict."""
@@ -125,6 +139,12 @@ def headline_metric(diagnostic: str, variant: str) -> str | None:
     return spec.headline_metric(variant) if spec is not None else None
 
 
+def pooled_metric(diagnostic: str, metric: str) -> tuple[str, str, float] | None:
+    """(numerator, denominator, factor) of a metric pooled over samples, or None (:attr:`Diagnostic.pooled`)."""
+    spec = registered().get(diagnostic)
+    return spec.pooled.get(metric) if spec is not None else None
+
+
 def headline_rule() -> dict[str, str]:
     """The headline metrics as the report's verdict rule records them: ``diag`` or ``diag/variant`` → metric."""
     return {
@@ -145,5 +165,6 @@ __all__ = [
     "get",
     "headline_metric",
     "headline_rule",
+    "pooled_metric",
     "registered",
 ]

@@ -17,6 +17,7 @@ Columns (float64 [B]; J in score units per data unit, i.e. 1/data²):
 ``curl_mean_abs``       mean over i ≠ j in S of |C_ij| (the paper's Fig. 2c/3c quantity)
 ``sym_mean_abs``        the same for J_SS + J_SSᵀ (the symmetric part's scale, for comparison)
 ``curl_rel_fro``        ‖C‖_F / ‖J_SS + J_SSᵀ‖_F (dimensionless; 0 for a score)
+``curl_fro2``           ‖C‖²_F and ``sym_fro2`` ‖J_SS + J_SSᵀ‖²_F (1/data⁴), for the pooled ratio
 ``asym_fro2``           ‖J − Jᵀ‖²_F (twice QCSBM's Asym = ½‖J − Jᵀ‖²_F), 1/data⁴
 ``asym_fro2_se``        its standard error over probes
 ``jac_fro2``            ‖J‖²_F, 1/data⁴, and ``jac_fro2_se``
@@ -24,8 +25,15 @@ Columns (float64 [B]; J in score units per data unit, i.e. 1/data²):
 ``rel_asym_se``         jackknife standard error; ``rel_asym_ci_low`` / ``_high``: its 95% interval
 ======================  ==========================================================================
 
+A ratio whose numerator and denominator both vanish (a field whose Jacobian is zero) is 0, not NaN.
+
+Pooled ratios: the per-sample ``curl_rel_fro`` and ``rel_asym`` are summarised by their median over samples
+(the verdict's headline), and also *pooled* over samples, √(Σ‖C‖²/Σ‖J_SS + J_SSᵀ‖²) and
+½√(Σ‖J − Jᵀ‖²/Σ‖J‖²) — the form other work reports (:attr:`Diagnostic.pooled`).
+
 Random draws: the index set of sample b comes from the stream (seed, "curl_block", time.key, b), its
-probes from (seed, "curl_probe", time.key, b, p) — independent of the batch size.
+probes from (seed, "curl_probe", time.key, b, p) — independent of the batch size (the values are within
+the reproducibility tolerance of :mod:`conservcheck.report.reproducibility` across batch sizes).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from torch import Tensor
 from conservcheck import rng, settings
 from conservcheck.batching import Batcher
 from conservcheck.diagnostics import Diagnostic, Figure, Variant
-from conservcheck.diagnostics.result import DiagnosticResult
+from conservcheck.diagnostics.result import DiagnosticResult, ratio
 from conservcheck.errors import UsageError
 from conservcheck.geometry.jacobian import (
     PRODUCT_COST,
@@ -54,13 +62,13 @@ from conservcheck.geometry.jacobian import (
 )
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.settings import Option
-from conservcheck.timepoints import TimePoint, forward_samples
+from conservcheck.timepoints import SampleIndex, TimePoint, forward_samples, sample_index
 
 Z95 = 1.959963984540054
 BLOCK_STREAM = "curl_block"
 PROBE_STREAM = "curl_probe"
 CONVENTION = "J_ij = ds_i/dx_j; C = J_SS - J_SS^T, C_ij = d_j s_i - d_i s_j"
-SUBJACOBIAN_COLUMNS = ("curl_mean_abs", "sym_mean_abs", "curl_rel_fro")
+SUBJACOBIAN_COLUMNS = ("curl_mean_abs", "sym_mean_abs", "curl_rel_fro", "curl_fro2", "sym_fro2")
 HUTCHINSON_COLUMNS = (
     "asym_fro2",
     "asym_fro2_se",
@@ -73,7 +81,7 @@ HUTCHINSON_COLUMNS = (
 )
 
 
-def _check(probe: VectorFieldProbe, x0: Tensor, strategy: str, start: int) -> None:
+def _check(probe: VectorFieldProbe, x0: Tensor, strategy: str, start: SampleIndex) -> list[int]:
     if x0.ndim < 2 or tuple(x0.shape[1:]) != probe.sample_shape or x0.shape[0] == 0:
         raise UsageError(
             f"x0 has shape {tuple(x0.shape)}, expected [B, {', '.join(map(str, probe.sample_shape))}] with B ≥ 1",
@@ -81,11 +89,10 @@ def _check(probe: VectorFieldProbe, x0: Tensor, strategy: str, start: int) -> No
         )
     if strategy != "auto" and strategy not in STRATEGIES:
         raise UsageError(f"unknown Jacobian strategy {strategy!r}", f"use auto or one of {', '.join(STRATEGIES)}")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise UsageError(f"start must be a non-negative integer, got {start!r}", "pass the global index of x0[0]")
+    return sample_index(start, x0.shape[0])
 
 
-def _forward(probe: VectorFieldProbe, x0: Tensor, time: TimePoint, seed: int, start: int) -> Tensor:
+def _forward(probe: VectorFieldProbe, x0: Tensor, time: TimePoint, seed: int, start: SampleIndex) -> Tensor:
     """x_t in float64 (as the loop diagnostic builds it), then in the probe's dtype on its device."""
     x_t, _ = forward_samples(x0.to(device=probe.device, dtype=torch.float64), time, seed, start)
     return x_t.to(probe.dtype)
@@ -140,16 +147,19 @@ def subjacobian(
 
 
 def block_values(j_ss: Tensor) -> dict[str, Tensor]:
-    """``curl_mean_abs``, ``sym_mean_abs`` and ``curl_rel_fro`` of blocks J_SS [B, n, n] (module doc)."""
+    """The :data:`SUBJACOBIAN_COLUMNS` of blocks J_SS [B, n, n] (module doc)."""
     n = j_ss.shape[-1]
     curl = j_ss - j_ss.transpose(1, 2)
     sym = j_ss + j_ss.transpose(1, 2)
     off = ~torch.eye(n, dtype=torch.bool, device=j_ss.device)
     pairs = n * (n - 1)
+    curl_fro, sym_fro = curl.flatten(1).norm(dim=1), sym.flatten(1).norm(dim=1)
     return {
         "curl_mean_abs": (curl.abs() * off).sum((1, 2)) / pairs,
         "sym_mean_abs": (sym.abs() * off).sum((1, 2)) / pairs,
-        "curl_rel_fro": curl.flatten(1).norm(dim=1) / sym.flatten(1).norm(dim=1),
+        "curl_rel_fro": ratio(curl_fro, sym_fro),
+        "curl_fro2": curl_fro**2,
+        "sym_fro2": sym_fro**2,
     }
 
 
@@ -162,7 +172,7 @@ def curl_subjacobian(
     batcher: Batcher,
     block: int = 64,
     strategy: str = "auto",
-    start: int = 0,
+    start: SampleIndex = 0,
 ) -> DiagnosticResult:
     """The paper's curl estimator (§3.3, Eq. 5) on a random |S| × |S| sub-Jacobian per sample.
 
@@ -175,13 +185,13 @@ def curl_subjacobian(
         block: |S| (paper: 64); capped at the dimension D, at least 2.
         strategy: ``auto`` (first of jvp, double_vjp, fd that agrees with central differences) or one
             of them (checked the same way).
-        start: global sample index of x0[0].
+        start: global sample index of x0[0], or one global index per sample.
     Returns:
         ``DiagnosticResult("curl", "subjacobian")`` with ``curl_mean_abs``, ``sym_mean_abs``,
         ``curl_rel_fro`` and meta: strategy (+ its check), block, products ("columns" or "rows"),
         convention, n_evals (forward-pass equivalents, the strategy check included).
     """
-    _check(probe, x0, strategy, start)
+    index = _check(probe, x0, strategy, start)
     if isinstance(block, bool) or not isinstance(block, int) or block < 2:
         raise UsageError(f"block must be an integer ≥ 2, got {block!r}", "the paper uses 64")
     if probe.dim < 2:
@@ -190,7 +200,6 @@ def curl_subjacobian(
     x_t = _forward(probe, x0, time, seed, start)
     t = torch.tensor(time.t, dtype=torch.float64)
     choice = _choose(probe, x_t, t, strategy)
-    index = list(range(start, start + x0.shape[0]))
     sets = block_indices(probe.dim, n, seed, time.key, index)
     j_ss = subjacobian(probe, x_t, t, sets, choice.name, batcher)
     product = cheaper_product(choice.name)
@@ -235,8 +244,8 @@ def jackknife_summary(q: Tensor, r: Tensor, q_loo: Tensor, r_loo: Tensor) -> dic
     def se(loo: Tensor) -> Tensor:
         return ((p - 1) / p * (loo - loo.mean(1, keepdim=True)).pow(2).sum(1)).sqrt()
 
-    rho = q / r
-    se_rho = se(q_loo / r_loo)
+    rho = ratio(q, r)
+    se_rho = se(ratio(q_loo, r_loo))
     rel = 0.5 * rho.sqrt()
     positive = rel > 0
     rel_se = torch.where(positive, se_rho / (8 * torch.where(positive, rel, 1)), torch.zeros_like(rel))
@@ -344,7 +353,7 @@ def curl_hutchinson(
     batcher: Batcher,
     n_probes: int = 16,
     strategy: str = "auto",
-    start: int = 0,
+    start: SampleIndex = 0,
 ) -> DiagnosticResult:
     """Full-Jacobian asymmetry by Hutchinson's estimator (Eq. 5 over all of J).
 
@@ -357,7 +366,7 @@ def curl_hutchinson(
         meta: strategy (+ its check), n_probes, estimator, interval, n_evals (forward-pass equivalents
         per probe: 6 for jvp, 5 for double_vjp, 2 for fd; plus the strategy check).
     """
-    _check(probe, x0, strategy, start)
+    index = _check(probe, x0, strategy, start)
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 3:
         raise UsageError(
             f"n_probes must be an integer ≥ 3 (the jackknife needs it), got {n_probes!r}",
@@ -366,7 +375,6 @@ def curl_hutchinson(
     x_t = _forward(probe, x0, time, seed, start)
     t = torch.tensor(time.t, dtype=torch.float64)
     choice = _choose(probe, x_t, t, strategy)
-    index = list(range(start, start + x0.shape[0]))
     estimates = hutchinson_estimates(
         probe,
         x_t,
@@ -442,6 +450,9 @@ DIAGNOSTIC = Diagnostic(
     selected=lambda opts: opts["curl"] != "none",
     headline={"subjacobian": "curl_rel_fro", "hutchinson": "rel_asym"},
     table={"subjacobian": ("curl_rel_fro", "curl_mean_abs"), "hutchinson": ("rel_asym", "asym_fro2")},
+    pooled={"curl_rel_fro": ("curl_fro2", "sym_fro2", 1.0), "rel_asym": ("asym_fro2", "jac_fro2", 0.5)},
+    coupled_control=True,
+    control_follows=("strategy",),
     figures=(
         Figure("curl_mean_abs", "mean |∂ᵢsⱼ − ∂ⱼsᵢ|  (64×64 block)"),
         Figure("curl_rel_fro", "‖B − Bᵀ‖_F relative"),

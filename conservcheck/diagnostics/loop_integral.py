@@ -47,13 +47,13 @@ from torch import Tensor
 from conservcheck import precision, settings
 from conservcheck.batching import Batcher, evaluate
 from conservcheck.diagnostics import ANY, Diagnostic, Figure, Variant
-from conservcheck.diagnostics.result import DiagnosticResult
+from conservcheck.diagnostics.result import DiagnosticResult, ratio
 from conservcheck.errors import UsageError
 from conservcheck.geometry import loops
 from conservcheck.geometry.loops import LoopBatch, loop_sums
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.settings import Option
-from conservcheck.timepoints import TimePoint
+from conservcheck.timepoints import SampleIndex, TimePoint, sample_index
 
 AUTO_START = 16
 AUTO_CAP = 4096
@@ -77,22 +77,21 @@ COLUMNS = (
 
 
 def _check(
-    probe: VectorFieldProbe, x0: Tensor, path: str, rule: str, n_points: int | str, tol: float, start: int
-) -> str:
+    probe: VectorFieldProbe, x0: Tensor, path: str, rule: str, n_points: int | str, tol: float, start: SampleIndex
+) -> tuple[str, list[int]]:
     if tuple(x0.shape[1:]) != probe.sample_shape or x0.ndim < 2 or x0.shape[0] == 0:
         raise UsageError(
             f"x0 has shape {tuple(x0.shape)}, expected [B, {', '.join(map(str, probe.sample_shape))}] with B ≥ 1",
             "pass a batch of clean samples in the probe's data coordinates",
         )
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise UsageError(f"start must be a non-negative integer, got {start!r}", "pass the global index of x0[0]")
+    index = sample_index(start, x0.shape[0])
     rule = loops.get(path).check_rule(rule)
     fixed_ok = isinstance(n_points, int) and not isinstance(n_points, bool) and 4 <= n_points <= 10**6
     if n_points != "auto" and not fixed_ok:
         raise UsageError(f"n_points must be 'auto' or an integer in [4, 10⁶], got {n_points!r}", "the paper uses 1000")
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise UsageError(f"tol must be a positive number, got {tol!r}", "use e.g. 1e-6")
-    return rule
+    return rule, index
 
 
 def loop_diagnostic(
@@ -106,7 +105,7 @@ def loop_diagnostic(
     n_points: int | str = 1000,
     rule: str = "auto",
     tol: float = 1e-6,
-    start: int = 0,
+    start: SampleIndex = 0,
     max_chunk_elements: int = MAX_CHUNK_ELEMENTS,
     **loop_options: Any,
 ) -> DiagnosticResult:
@@ -127,7 +126,7 @@ def loop_diagnostic(
         rule: ``auto`` (the loop type's default: periodic for rotation, clenshaw_curtis for projection and
             rectangle, polygon for brownian), or another rule the loop type supports.
         tol: relative tolerance on ∮ s·dy for ``converged`` and ``n_points="auto"``.
-        start: global sample index of x0[0].
+        start: global sample index of x0[0], or one global index per sample.
         max_chunk_elements: at most this many node components (loops × nodes × D) are held at once.
         **loop_options: the loop types' own options (``n_vertices`` for projection loops, ``bridge_u``
             for Brownian ones, ``rect_side`` for rectangles); each loop type reads its own.
@@ -137,7 +136,7 @@ def loop_diagnostic(
         (forward passes), tol, floor_rel, path, and what the loop type describes (projection: n_vertices,
         shell_radius; brownian: bridge_U; rectangle: rect_side and its length in data units).
     """
-    rule = _check(probe, x0, path, rule, n_points, tol, start)
+    rule, index = _check(probe, x0, path, rule, n_points, tol, start)
     loop = loops.get(path)
     params = loop.params(loops.check_options(loop_options))
     auto = n_points == "auto" and loop.adaptive
@@ -151,7 +150,7 @@ def loop_diagnostic(
 
     def build(rows: Tensor, n: int) -> LoopBatch:
         return loop.build(
-            x0[rows.to(x0.device)], time, seed, n_points=n, rule=rule, index=(start + rows).tolist(), **params
+            x0[rows.to(x0.device)], time, seed, n_points=n, rule=rule, index=[index[r] for r in rows.tolist()], **params
         )
 
     def run(points: Tensor) -> Tensor:
@@ -210,9 +209,9 @@ def _record(
     out["circulation"][rows] = circ
     out["abs_circulation"][rows] = circ.abs()
     out["length"][rows] = s["length"]
-    out["circulation_per_length"][rows] = circ / s["length"]
-    out["eq7"][rows] = 2 * circ / s["abs_y_length"]
-    out["circulation_ratio"][rows] = circ / s["abs_score_length"]
+    out["circulation_per_length"][rows] = ratio(circ, s["length"])
+    out["eq7"][rows] = ratio(2 * circ, s["abs_y_length"])
+    out["circulation_ratio"][rows] = ratio(circ, s["abs_score_length"])
     out["quad_error"][rows] = err[done].cpu()
     out["abs_score_length"][rows] = s["abs_score_length"]
     out["abs_y_length"][rows] = s["abs_y_length"]
@@ -246,13 +245,16 @@ def loop_chunk_elements(memory_budget: int, dtype: torch.dtype) -> int:
 def _parse_paths(value: Any) -> tuple[str, ...]:
     names = loops.registered()
     choices = [str(v).strip().lower() for v in settings.items(value)]
+    expected = "a comma-separated subset of " + ", ".join(names) + " (or all, none)"
+    if not choices and isinstance(value, str):  # an empty --paths is a mistake, not a silent "none"
+        raise settings.fail("--paths", expected, value, "write --paths none to audit no loop")
     if choices in (["none"], []):
         return ()
     if choices == ["all"]:
         return tuple(names)
     bad = [v for v in choices if v not in names]
     if bad:
-        raise settings.fail("--paths", "a comma-separated subset of " + ", ".join(names) + " (or all, none)", bad[0])
+        raise settings.fail("--paths", expected, bad[0])
     return tuple(dict.fromkeys(choices))
 
 

@@ -57,7 +57,7 @@ from conservcheck.geometry.jacobian import (
 )
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.settings import Option
-from conservcheck.timepoints import TimePoint, forward_samples
+from conservcheck.timepoints import SampleIndex, TimePoint, forward_samples, sample_index
 
 EXACT_MAX_DIM = 64
 DIVERGENCE_MODES = ("auto", "exact", "hutchinson")
@@ -85,13 +85,14 @@ def stein_diagnostic(
     n_probes: int = 16,
     strategy: str = "auto",
     exact_max_dim: int = EXACT_MAX_DIM,
-    start: int = 0,
+    start: SampleIndex = 0,
 ) -> DiagnosticResult:
     """e = s_ref − s_θ and 𝒮e = ∇·e + s_refᵀe (Eq. 21) at the forward samples of ``x0`` at ``time``.
 
     Args:
         probe: the model, in score units.
         x0: clean samples [B, *shape] in the probe's data coordinates; sample b has index ``start + b``
+            (or ``start[b]`` when ``start`` lists one global index per sample)
             (its noise and Hutchinson probes come from streams keyed by that index).
         time: the time point.
         seed: seed of every random draw.
@@ -114,7 +115,7 @@ def stein_diagnostic(
     x0 = x0.to(device=probe.device, dtype=probe.dtype)
     x_t, _ = forward_samples(x0, time, seed, start)
     t_all = torch.full((b,), time.t, dtype=torch.float64, device=probe.device)
-    index = torch.arange(start, start + b, device=probe.device)
+    index = torch.tensor(sample_index(start, b), device=probe.device)
 
     def error_field(x: Tensor, t: Tensor) -> Tensor:
         return ref.score(x.to(torch.float64), t).to(x.dtype) - probe.score(x, t)
@@ -229,7 +230,7 @@ DIAGNOSTIC = Diagnostic(
             None,
             "--stein",
             "Reference score for the Stein diagnostic (Eq. 20–21); off when unset.",
-            settings.optional_text,
+            settings.text("--stein", "a reference (funnel, gaussian, mixture:FILE, data:FILE)"),
             "REF",
             schema={"type": ["string", "null"]},
         ),

@@ -52,7 +52,7 @@ from conservcheck import rng
 from conservcheck.errors import ProbeContractError, UsageError, reason
 from conservcheck.precision import PRECISIONS, check_mode
 
-Field = Callable[[Tensor, Tensor], Tensor]
+Field = Callable[[Tensor, Tensor | float], Tensor]
 
 STRATEGIES = ("jvp", "double_vjp", "fd")
 # Forward-pass equivalents of one product per sample (see module docstring).
@@ -74,7 +74,7 @@ def _check_strategy(strategy: str) -> None:
 def rel_step_for(precision: str | torch.dtype) -> float:
     """∛ε for a precision name (``fp64``, ``fp32``, ``tf32``, ``bf16``) or a floating dtype."""
     eps = PRECISIONS[check_mode(precision)].eps if isinstance(precision, str) else torch.finfo(precision).eps
-    return float(eps) ** (1.0 / 3.0)
+    return math.pow(float(eps), 1.0 / 3.0)
 
 
 def _per_sample(h: Tensor, x: Tensor) -> Tensor:
@@ -100,7 +100,8 @@ def _fd_jvp(fn: Field, x: Tensor, t: Tensor | float, v: Tensor, rel_step: float 
 
 
 def _forward_jvp(fn: Field, x: Tensor, t: Tensor | float, v: Tensor) -> Tensor:
-    return torch.func.jvp(lambda y: fn(y, t), (x,), (v,))[1]
+    out: Tensor = torch.func.jvp(lambda y: fn(y, t), (x,), (v,))[1]
+    return out
 
 
 def _double_vjp(fn: Field, x: Tensor, t: Tensor | float, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -381,8 +382,8 @@ def divergence_hutchinson(
 
     Args:
         keys: one key (or tuple of keys) per sample, e.g. ``[("stein", time.key, start + b) ...]``;
-            probe p of sample b comes from the stream (seed, *keys[b], p), so a sample's estimate does
-            not depend on the batch it runs in.
+            probe p of sample b comes from the stream (seed, *keys[b], p), so a sample's probes do
+            not depend on the batch it runs in (its estimate only by the rounding of the field's kernels).
         n_probes: at least 2 (the standard error needs two); one product per probe (a vjp under
             ``double_vjp``, else a jvp), probes run one after another over the whole batch.
     Returns:

@@ -4,10 +4,12 @@
   index k (or t, or σ for VE) with the q25–q75 band, one line per loop type (or curl / Stein variant),
   and the conservative control's median dashed with crosses — the audit's numerical floor. A metric that
   spans decades is on a log axis (a control that is exactly 0 sits on its bottom edge as a triangle);
-  points whose check could not resolve the diagnostic (:func:`conservcheck.report.verdict.not_resolved`)
-  are drawn open;
+  points whose check is not resolved at the audit's node count (status ``unresolved``) are drawn open;
 * *box plots* (Fig. 5, 7, 9, 11, 12): for each loop metric, one panel per loop type with one box of the
-  per-sample values per time point.
+  per-sample values per time point;
+* for a conditional model audited at several guidance scales, *metric vs w*: for each metric, one panel
+  per variant with the median against w, one line per time point, and the control's median dashed (it
+  does not depend on w). The metric-vs-time figures then have one line per (variant, w).
 
 Which metrics are drawn, and how, each registered diagnostic says (:class:`conservcheck.diagnostics.Figure`).
 
@@ -20,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from conservcheck import diagnostics
 from conservcheck.errors import UsageError
 from conservcheck.report.audit_report import AuditReport
-from conservcheck.report.verdict import not_resolved
 
 
 def _figure(**kw: Any) -> Any:
@@ -46,10 +48,13 @@ def _axis(report: AuditReport) -> tuple[str, str, bool]:
     return "t", "t (canonical time)", False
 
 
-def _unresolved(report: AuditReport) -> set[tuple[str, str, str]]:
-    """(diagnostic, variant, time key) of the checks that could not resolve their diagnostic."""
-    rule = report.verdict.rule
-    return {(c["diagnostic"], c["variant"], c["time_key"]) for c in report.verdict.checks if not_resolved(c, rule)}
+def _unresolved(report: AuditReport) -> set[tuple[str, str, str, float | None]]:
+    """(diagnostic, variant, time key, guidance) of the checks not resolved at the audit's node count."""
+    return {
+        (c["diagnostic"], c["variant"], c["time_key"], None if c.get("guidance") is None else float(c["guidance"]))
+        for c in report.verdict.checks
+        if c["status"] == "unresolved"
+    }
 
 
 def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, log: bool) -> Any | None:
@@ -68,22 +73,26 @@ def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, 
     fig = _figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
     marked = False
-    for variant, rows in s[s["field"] == "model"].groupby("variant", sort=False):
+    model = s[s["field"] == "model"]
+    guided = len(report.guidance_scales) > 1
+    for (variant, w), rows in model.groupby(["variant", "guidance"], sort=False, dropna=False):
         rows = rows.sort_values("t")
+        label = f"{variant}, w={w:g}" if guided else variant
         x = rows[xcol].astype(float).to_numpy()
         med = rows["median"].astype(float).to_numpy()
-        line = ax.plot(x, med, marker="o", ms=4, label=variant)[0]
+        line = ax.plot(x, med, marker="o", ms=4, label=label)[0]
         color = line.get_color()
         low, high = rows["q25"].astype(float).to_numpy(), rows["q75"].astype(float).to_numpy()
         if log:
             low = np.maximum(low, bottom)
         ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
-        open_ = np.array([(diagnostic, variant, k) in unresolved for k in rows["time_key"]])
+        guidance = None if pd.isna(w) else float(w)
+        open_ = np.array([(diagnostic, variant, k, guidance) in unresolved for k in rows["time_key"]])
         if open_.any():
             marked = True
             ax.plot(x[open_], med[open_], ls="none", marker="o", ms=8, mfc="white", mec=color, mew=1.5, zorder=3)
         ctrl = s[(s["field"] == "control") & (s["variant"] == variant)].sort_values("t")
-        if not ctrl.empty:
+        if not ctrl.empty and (not guided or w == min(report.guidance_scales)):
             cx = ctrl[xcol].astype(float).to_numpy()
             cy = ctrl["median"].astype(float).to_numpy()
             ax.plot(cx, cy, ls="--", lw=1.2, marker="x", ms=5, color=color, label=f"{variant}: conservative control")
@@ -108,6 +117,37 @@ def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, 
     return fig
 
 
+def _guidance_figure(report: AuditReport, diagnostic: str, metric: str, label: str, log: bool) -> Any | None:
+    """The metric's median against the guidance scale w: a panel per variant, a line per time point."""
+    if len(report.guidance_scales) < 2:
+        return None
+    s = report.summary(field=None)
+    s = s[(s["diagnostic"] == diagnostic) & (s["metric"] == metric) & (s["status"] == "ok")]
+    model = s[s["field"] == "model"]
+    variants = list(dict.fromkeys(model["variant"]))
+    if not variants:
+        return None
+    fig = _figure(figsize=(4.2 * len(variants) + 1, 4.0), layout="constrained")
+    axes = fig.subplots(1, len(variants), squeeze=False)[0]
+    for ax, variant in zip(axes, variants):
+        rows = model[model["variant"] == variant]
+        for key, by_w in rows.groupby("time_key", sort=False):
+            by_w = by_w.sort_values("guidance")
+            line = ax.plot(by_w["guidance"], by_w["median"], marker="o", ms=3, label=report.time_label(key))[0]
+            ctrl = s[(s["field"] == "control") & (s["variant"] == variant) & (s["time_key"] == key)]
+            if not ctrl.empty:
+                ax.axhline(float(ctrl["median"].iloc[0]), ls="--", lw=1, color=line.get_color(), alpha=0.6)
+        if log and bool((rows["median"] > 0).all()):
+            ax.set_yscale("log")
+        ax.set_xlabel("guidance scale w")
+        ax.set_title(variant, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(label)
+    fig.suptitle(f"{diagnostic}: {metric} against w — median (dashed: conservative control)", fontsize=10)
+    return fig
+
+
 def _box_figure(report: AuditReport, diagnostic: str, metric: str) -> Any | None:
     rows = report.rows
     if metric not in rows.columns:
@@ -120,16 +160,24 @@ def _box_figure(report: AuditReport, diagnostic: str, metric: str) -> Any | None
     axes = fig.subplots(1, len(variants), squeeze=False)[0]
     for ax, variant in zip(axes, variants):
         sub = rows[rows["variant"] == variant]
-        keys = list(dict.fromkeys(sub.sort_values("t")["time_key"]))
-        data = [sub[sub["time_key"] == k][metric].dropna().to_numpy() for k in keys]
+        w = sub["guidance"] if "guidance" in sub else pd.Series([None] * len(sub), index=sub.index, dtype=object)
+        order = sub.assign(_w=w.astype(float)).sort_values(["t", "_w"])
+        keys = list(dict.fromkeys(zip(order["time_key"], order["_w"])))
+        data = [sub[(sub["time_key"] == k) & _same(w, g)][metric].dropna().to_numpy() for k, g in keys]
         ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
-        ax.set_xticks(range(1, len(keys) + 1), [report.time_label(k) for k in keys], rotation=45, fontsize=7)
+        ax.set_xticks(range(1, len(keys) + 1), [report.time_label(k, g) for k, g in keys], rotation=45, fontsize=7)
         if all(len(d) and (d > 0).all() for d in data):
             ax.set_yscale("log")
         ax.set_title(variant, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
     return fig
+
+
+def _same(column: Any, w: float) -> Any:
+    """Rows whose guidance scale is w (both NaN counts as the same: no guidance)."""
+    values = column.astype(float)
+    return values.isna() if pd.isna(w) else values == w
 
 
 def plot_report(report: AuditReport, out_dir: str | Path, fmt: str = "png") -> list[Path]:
@@ -142,6 +190,11 @@ def plot_report(report: AuditReport, out_dir: str | Path, fmt: str = "png") -> l
     specs = diagnostics.registered().values()
     figures = [
         (f"{d.name}_{f.metric}", _time_figure(report, d.name, f.metric, f.label, f.log))
+        for d in specs
+        for f in d.figures
+    ]
+    figures += [
+        (f"{d.name}_{f.metric}_vs_w", _guidance_figure(report, d.name, f.metric, f.label, f.log))
         for d in specs
         for f in d.figures
     ]

@@ -18,7 +18,7 @@ from typing import Any
 
 from conservcheck.settings import Option
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.4"
 
 
 @lru_cache(maxsize=1)

@@ -1,22 +1,37 @@
 """The verdict of an audit: each headline metric against the numerical floor measured in the same audit.
 
-For every (diagnostic, variant, time point) with a *headline* metric (each registered diagnostic names
-its own: scale-free numbers in [0, 1]) the model's median is compared with the numerical floor
+For every (diagnostic, variant, time point) — and, for a conditional model, every guidance scale w —
+with a *headline* metric (each registered diagnostic names its own: scale-free numbers in [0, 1]) the
+model's median is compared with the numerical floor
 
     floor = max(control median, the diagnostic's own floor, precision floor)
 
-where the control median is the same metric on the conservative control field, the diagnostic's own
+where the control median is the same metric on the conservative control field, computed with the method
+the model's value was (the curl's Jacobian strategy: a model whose Jacobian needs finite differences is
+judged against the floor of finite differences, measured on the control; the control does not depend on
+the guidance scale w, so one control unit is the floor of the checks at every w), the diagnostic's own
 floor is what its values say they cannot resolve (the loop integral: the median of its nested-rule
 quadrature error relative to ∮|s||dy|), and the precision floor is the smallest resolvable relative value
-of the forward precision (:func:`conservcheck.precision.floor_rel`). The check is a *violation* when the
-median exceeds :data:`FLOOR_FACTOR` × floor. The verdict is
+of the forward precision (:func:`conservcheck.precision.floor_rel`). Each check is
 
-* ``invalid`` when the model broke its contract (NaN/Inf, wrong shape, ignored time input,
-  non-determinism, batch dependence) or any unit failed — no number computed from NaNs is used;
+* ``violation`` when the median exceeds :data:`FLOOR_FACTOR` × floor;
+* ``unresolved`` — *not resolved at this node count* — when only the diagnostic's own discretisation
+  floor keeps it from being a violation: the median exceeds :data:`FLOOR_FACTOR` × max(control median,
+  precision floor) but not :data:`FLOOR_FACTOR` × its own floor. Such a value is of the size of the
+  discretisation error and says nothing either way; more nodes lower that floor (a Brownian bridge at
+  few nodes). A median small even against the control and precision floors is a pass whatever the
+  discretisation error estimate says (the nested-rule estimate is that of the coarser rule);
+* ``pass`` otherwise.
+
+The verdict is
+
+* ``invalid`` when the model broke its contract (NaN/Inf, wrong shape, non-determinism, batch
+  dependence) or any unit failed — no number computed from NaNs is used;
 * ``violation`` when any check is a violation (an incomplete audit says what it left unmeasured);
 * ``invalid`` when units were skipped (time budget, or a shard's partial report) and no measured check
   is a violation — an incomplete audit never passes; the reason names the unmeasured diagnostics;
-* ``pass`` otherwise.
+* ``invalid`` when no check is resolved at its node count;
+* ``pass`` otherwise; its reason names the checks that were not resolved, if any.
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ import numpy as np
 from conservcheck import diagnostics
 from conservcheck.files import json_safe
 from conservcheck.precision import PRECISIONS
-from conservcheck.report.summary import time_label
+from conservcheck.report.summary import guidance_label, time_label
 
 FLOOR_FACTOR = 10.0
 
@@ -76,16 +91,20 @@ def _unmeasured(units: list[dict[str, Any]], checks: list[dict[str, Any]], time_
         c for c in checks if c["status"] == "skipped"
     ]:
         time = item.get("time") or {"index": item["time_index"], "t": item["t"]}
-        key = (item["diagnostic"], item["variant"], item.get("time_key") or item["time"]["key"])
+        w = item.get("guidance")
+        key = (item["diagnostic"], item["variant"], item.get("time_key") or item["time"]["key"], w)
         if key not in seen:
             seen.add(key)
-            where.setdefault(f"{key[0]}.{key[1]}", []).append(time_label(time, time_name))
+            where.setdefault(f"{key[0]}.{key[1]}", []).append(time_label(time, time_name) + guidance_label(w))
     return "; ".join(f"{name} at {', '.join(labels)}" for name, labels in where.items())
 
 
 def _incomplete(units: list[dict[str, Any]], checks: list[dict[str, Any]], time_name: str) -> str:
-    """One clause saying how many units did not run, why, and which diagnostics that leaves unmeasured."""
+    """One clause saying how many units did not run, why, and which diagnostics that leaves unmeasured
+    (empty when no unit was planned: the reason is then the problem that stopped the audit)."""
     skipped = [u for u in units if u["status"] == "skipped"]
+    if not skipped:
+        return "" if not units else "incomplete"
     why = "; ".join(dict.fromkeys(u.get("message") or "skipped" for u in skipped))
     text = f"incomplete: {len(skipped)} of {len(units)} units not run ({why})"
     unmeasured = _unmeasured(units, checks, time_name)
@@ -107,13 +126,14 @@ def decide_verdict(
         "headline": diagnostics.headline_rule(),
         "precision_floor": spec.floor_rel if spec is not None else 0.0,
     }
-    by_key = {(u["field"], u["diagnostic"], u["variant"], u["time"]["key"]): u for u in units}
+    by_key = {(u["field"], u["diagnostic"], u["variant"], u["time"]["key"], u.get("guidance")): u for u in units}
     checks: list[dict[str, Any]] = []
     for u in units:
         metric = diagnostics.headline_metric(u["diagnostic"], u["variant"])
         if u["field"] != "model" or metric is None:
             continue
         key = (u["diagnostic"], u["variant"], u["time"]["key"])
+        w = u.get("guidance")
         check = {
             "diagnostic": u["diagnostic"],
             "variant": u["variant"],
@@ -121,30 +141,37 @@ def decide_verdict(
             "time_index": u["time"]["index"],
             "t": u["time"]["t"],
             "sigma": u["time"]["sigma"],
+            "guidance": w,
             "metric": metric,
         }
-        control_unit = by_key.get(("control", *key))
+        control_unit = by_key.get(("control", *key, None))
         if u["status"] == "skipped" or (control_unit is not None and control_unit["status"] == "skipped"):
             # Without its own values or its floor, the check cannot be judged either way.
             checks.append({**check, "status": "skipped", "median": None, "floor": None, "ratio": None})
             continue
-        median = _median(by_key, ("model", *key), metric)
+        median = _median(by_key, ("model", *key, w), metric)
         if median is None:
             checks.append({**check, "status": "invalid", "median": None, "floor": None, "ratio": None})
             continue
-        control = _median(by_key, ("control", *key), metric) or 0.0
+        control = _median(by_key, ("control", *key, None), metric) or 0.0
         quad = _own_floor(u)
         floor = max(control, quad, rule["precision_floor"])
         ratio = median / floor if floor > 0 else math.inf
+        status = "violation" if median > FLOOR_FACTOR * floor else "pass"
+        if status == "pass" and median > FLOOR_FACTOR * max(control, rule["precision_floor"]):
+            # Only the discretisation floor keeps it from being a violation: not resolved at this node count.
+            status = "unresolved"
+        method = (u.get("meta") or {}).get("strategy")
         checks.append(
             {
                 **check,
-                "status": "violation" if median > FLOOR_FACTOR * floor else "pass",
+                "status": status,
                 "median": median,
                 "control": control,
                 "quadrature": quad,
                 "floor": floor,
                 "ratio": ratio,
+                **({"method": method} if method is not None else {}),
             }
         )
     measured = [c for c in checks if c["status"] != "skipped"]
@@ -158,10 +185,13 @@ def decide_verdict(
         return Verdict("invalid", clause or "no diagnostic finished", checks, rule)
 
     def where(c: dict[str, Any]) -> str:
-        when = time_label({"index": c["time_index"], "t": c["t"]}, time_name)
+        when = time_label({"index": c["time_index"], "t": c["t"]}, time_name) + guidance_label(c.get("guidance"))
         return f"{c['diagnostic']}.{c['variant']} {c['metric']} at {when}"
 
     bad = [c for c in measured if c["status"] == "violation"]
+    resolved = [c for c in measured if c["status"] == "pass"]
+    unresolved = [c for c in measured if c["status"] == "unresolved"]
+    note = _unresolved_note(unresolved, time_name)
     if bad:
         worst = max(bad, key=lambda c: c["ratio"])
         return Verdict(
@@ -182,22 +212,32 @@ def decide_verdict(
             checks,
             rule,
         )
+    if not resolved:
+        return Verdict("invalid", f"no check is resolved: {note}", checks, rule)
+    if unresolved:
+        top = max(resolved, key=lambda c: c["ratio"])
+        return Verdict(
+            "pass",
+            f"all {len(resolved)} resolved checks within {FLOOR_FACTOR:g}× the numerical floor (largest "
+            f"{top['ratio']:.2g}× for {where(top)}); {note}",
+            checks,
+            rule,
+        )
     return Verdict(
         "pass", f"all {len(measured)} checks within {FLOOR_FACTOR:g}× the numerical floor ({largest})", checks, rule
     )
 
 
-def not_resolved(check: dict[str, Any], rule: dict[str, Any]) -> bool:
-    """Whether a check could not resolve its diagnostic: its model median is within ``factor`` × a floor that
-    discretisation sets, not rounding — the loop's own quadrature error, or a control whose value is itself
-    quadrature error (a conservative field integrated too coarsely) — so neither a pass nor the size of the
-    value says anything about the model. More nodes (``--points``) lower such a floor.
-
-    A check marked so by the verdict itself (status ``not resolved``) is too.
-    """
-    if check.get("status") == "not resolved":
-        return True
-    if check.get("status") != "pass" or check.get("median") is None or not check.get("floor"):
-        return False
-    factor = float(rule.get("factor", FLOOR_FACTOR))
-    return float(check["floor"]) > factor * float(rule.get("precision_floor") or 0.0)
+def _unresolved_note(unresolved: list[dict[str, Any]], time_name: str) -> str:
+    """``2 not resolved at this node count (loop.brownian at k=10, k=100: …)``, or "" for none."""
+    if not unresolved:
+        return ""
+    where: dict[str, list[str]] = {}
+    for c in unresolved:
+        label = time_label({"index": c["time_index"], "t": c["t"]}, time_name)
+        where.setdefault(f"{c['diagnostic']}.{c['variant']}", []).append(label)
+    names = "; ".join(f"{name} at {', '.join(labels)}" for name, labels in where.items())
+    return (
+        f"{len(unresolved)} not resolved at this node count ({names}: their floor is the discretisation "
+        "error; raise --points)"
+    )

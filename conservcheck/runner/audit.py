@@ -9,25 +9,31 @@ audit's numerical floor (see :mod:`conservcheck.report.audit_report` for the ver
 
 Every finished unit is appended to a partial-results file (JSON lines, flushed and synced), so Ctrl-C or
 a killed job loses at most the unit in progress; ``resume=PATH`` reuses the finished units and, because
-every random draw is keyed by (seed, stream, time point, sample index), gives exactly the report an
-uninterrupted run gives. A bad model does not stop the audit: a unit whose model raises or returns
-NaN/Inf is recorded with its status, reported per time point, and the verdict becomes ``invalid``.
+every random draw is keyed by (seed, stream, time point, sample index), gives the report an
+uninterrupted run gives — bit for bit with the same batch size and thread count on the same kind of
+machine, and within the reproducibility tolerance otherwise (:mod:`conservcheck.report.reproducibility`).
+A bad model does not stop the audit: a unit whose model raises or returns NaN/Inf is recorded with its
+status, reported per time point, and the verdict becomes ``invalid``.
 
 Distributed runs (docs/distributed.md): ``shard="i/n"`` runs only the units of group g ≡ i (mod n), where
 a group is one (diagnostic, variant, time point) — the model unit and its control — numbered in plan
 order, and writes them to its own partial-results file. The shards never communicate (a dead one cannot
 block the others); :func:`conservcheck.merge` checks that their files come from one audit and together hold every
-unit, and builds the report an unsharded run gives.
+unit, and builds the report an unsharded run gives: units are computed whole, so it is bit-identical
+when the shards ran with the single run's batch size and thread count.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
 import logging
+import os
 import platform
+import secrets
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,16 +42,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from conservcheck import conditioning
 from conservcheck.batching import Batcher
 from conservcheck.contract import check_probe
 from conservcheck.errors import ProbeContractError, UsageError, reason
-from conservcheck.files import cache_folder, json_safe
+from conservcheck.files import cache_folder, check_writable, json_safe
 from conservcheck.precision import storage_dtype
-from conservcheck.probe import VectorFieldProbe
+from conservcheck.probe import VectorFieldProbe, weights_digest
 from conservcheck.report import SCHEMA_VERSION, AuditReport
 from conservcheck.runner.estimate import duration_text, estimate
-from conservcheck.runner.journal import JOURNAL_FORMAT, Journal
+from conservcheck.runner.journal import Journal
 from conservcheck.runner.options import (
+    CONDITION_OPTIONS,
     audit_options,
     cpu_scaled_text,
     device_defaults,
@@ -55,9 +63,13 @@ from conservcheck.runner.options import (
     shard_of,
 )
 from conservcheck.runner.progress import Progress, ProgressLog
+from conservcheck.runner.size_guard import check_size
 from conservcheck.runner.units import (
+    UnitSpec,
     build_report,
     control_probe,
+    follow_model,
+    guidance_cost,
     jacobian_strategies,
     plan_units,
     run_unit,
@@ -91,7 +103,14 @@ class AuditInterrupted(KeyboardInterrupt):
 
 
 def load_model(model: VectorFieldProbe | str, opts: dict[str, Any], given: set[str]) -> VectorFieldProbe:
+    condition = {k: opts[k] for k in CONDITION_OPTIONS if opts.get(k) is not None}
     if isinstance(model, VectorFieldProbe):
+        if condition:
+            flag = "--" + next(iter(condition)).replace("_", "-")
+            raise UsageError(
+                f"{flag} applies to model references; a probe object carries its own conditions",
+                "build the probe with them (conservcheck.conditioning.ConditionalField) or pass a reference",
+            )
         for name in ("revision", "trust_remote_code"):
             if name in given and opts[name] not in (None, False):
                 raise UsageError(f"{name} applies to model references, not to a probe object", f"drop {name}")
@@ -108,6 +127,11 @@ def load_model(model: VectorFieldProbe | str, opts: dict[str, Any], given: set[s
             # The caller's probe is left as it was: the audit runs a copy at the requested precision.
             model = copy.copy(model)
             model.precision = opts["precision"]
+        if model.info.weights_sha256 is None and "identity" not in model.info.extra:
+            # A probe object names no weights file: its identity is the weights its callable holds.
+            model = copy.copy(model)
+            extra = {**model.info.extra, "identity": {"weights_sha256": weights_digest(model.fn)}}
+            model.info = dataclasses.replace(model.info, extra=extra)
         return model
     if not isinstance(model, str):
         raise UsageError(
@@ -123,9 +147,23 @@ def load_model(model: VectorFieldProbe | str, opts: dict[str, Any], given: set[s
         device=resolve_device(opts["device"]),
         dtype=storage_dtype(opts["precision"]),
         trust_remote_code=opts["trust_remote_code"],
+        condition=condition,
     )
     probe.precision = opts["precision"]
     return probe
+
+
+def guidance_scales(probe: VectorFieldProbe, opts: dict[str, Any]) -> tuple[float, ...] | None:
+    """The guidance axis of an audit: the ``guidance_scale`` option, (1.0,) — the conditional field — for a
+    conditional model without it, None for an unconditional model (which refuses the option)."""
+    scales = opts.get("guidance_scale")
+    if probe.conditioning is None:
+        if scales is not None:
+            raise UsageError(
+                "--guidance-scale needs a conditional model; this one is unconditional", "drop --guidance-scale"
+            )
+        return None
+    return tuple(scales) if scales is not None else (1.0,)
 
 
 def load(
@@ -136,12 +174,16 @@ def load(
     revision: str | None = None,
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
+    prompt: str | list[str] | None = None,
+    negative_prompt: str | None = None,
+    class_label: int | list[int] | str | None = None,
 ) -> VectorFieldProbe:
     """A model reference as a :class:`VectorFieldProbe` (score units at canonical time).
 
     ``model`` is what ``conservcheck audit`` takes: ``embedded:<name>``, a hub id ``owner/name[@rev]``, a
     local folder or file, or ``module:factory``; the other arguments mean what the audit options of the
-    same names mean. Raises :class:`UsageError` / :class:`ModelLoadError` with a one-line message.
+    same names mean (``prompt``, ``negative_prompt``, ``class_label``: the conditions of a conditional
+    model, docs/conditional.md). Raises :class:`UsageError` / :class:`ModelLoadError` with a one-line message.
     """
     given = {
         "device": device,
@@ -149,6 +191,9 @@ def load(
         "revision": revision,
         "cache_dir": cache_dir,
         "trust_remote_code": trust_remote_code,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "class_label": class_label,
     }
     opts = resolve_options({k: v for k, v in given.items() if v is not None})
     return load_model(model, opts, set(given))
@@ -175,16 +220,24 @@ def _environment(probe: VectorFieldProbe) -> dict[str, Any]:
     }
 
 
-def _fingerprint(probe: VectorFieldProbe, opts: dict[str, Any], points: list[TimePoint], x0_sha: str) -> str:
-    numeric = numeric_options(opts)
-    blob = {
-        "schema": SCHEMA_VERSION,
-        "model": probe.describe(),
-        "options": numeric,
-        "time_points": [p.to_dict() for p in points],
-        "x0": x0_sha,
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+def _identity(model: dict[str, Any], opts: dict[str, Any], points: list[TimePoint], x0_sha: str, batch: int) -> dict:
+    """Everything that decides the audit's numbers: the model's identity, units and conditions (for a
+    ``module:factory`` model its module file's and returned weights' SHA-256), the numeric options, the time
+    points, x0, and the batch size (a batched forward pass rounds differently at another batch size)."""
+    return json_safe(
+        {
+            "schema": SCHEMA_VERSION,
+            "model": model,
+            "options": numeric_options(opts),
+            "time_points": [p.to_dict() for p in points],
+            "x0": x0_sha,
+            "batch_size": batch,
+        }
+    )
+
+
+def _fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _with_hash(x0: Tensor, source: dict[str, Any], probe: VectorFieldProbe) -> tuple[Tensor, dict[str, Any]]:
@@ -192,8 +245,44 @@ def _with_hash(x0: Tensor, source: dict[str, Any], probe: VectorFieldProbe) -> t
     return x0, {**source, "sha256": tensor_sha256(x0)}
 
 
+def _check_cache_dir(cache_dir: str | None) -> None:
+    """A ``cache_dir`` that cannot hold the audit's files is the user's mistake, said before any work."""
+    if cache_dir is None:
+        return
+    try:
+        folder = cache_folder(cache_dir, "runs")
+    except ValueError:  # huggingface_hub: a file where a folder of the cache should be
+        raise UsageError(
+            f"cannot use --cache-dir {cache_dir}: a file is in the way of its folders", "pass a folder you can write to"
+        ) from None
+    except OSError as err:
+        raise UsageError(
+            f"cannot use --cache-dir {cache_dir}: {err.strerror or err}", "pass a folder you can write to"
+        ) from None
+    try:
+        check_writable(folder / "probe", "--cache-dir")
+    except UsageError:
+        raise UsageError(
+            f"cannot use --cache-dir {cache_dir}: it is not writable", "pass a folder you can write to"
+        ) from None
+
+
+def _default_journal(opts: dict[str, Any], fingerprint: str, started: datetime) -> Path:
+    """A partial-results file of this run alone: the audit's fingerprint, the start time, the process and a
+    random token (two identical audits started at once never share a file)."""
+    shard, n_shards = shard_of(opts["shard"])
+    stamp = started.strftime("%Y%m%dT%H%M%S")
+    name = f"{fingerprint[:20]}-{stamp}-{os.getpid()}-{secrets.token_hex(4)}"
+    name += f".shard{shard}of{n_shards}" if opts["shard"] else ""
+    return cache_folder(opts["cache_dir"], "runs") / f"{name}.jsonl"
+
+
 def audit(
-    model: VectorFieldProbe | str = DEFAULT_MODEL, *, progress: Progress | None = None, **options: Any
+    model: VectorFieldProbe | str = DEFAULT_MODEL,
+    *,
+    progress: Progress | None = None,
+    keep_partial_results: bool = False,
+    **options: Any,
 ) -> AuditReport:
     """Audit a model: loop integrals, curl and (optionally) the Stein diagnostic at several time points.
 
@@ -206,39 +295,53 @@ def audit(
             batches too), and the plan — units, model evaluations and the time they will take, from a timed
             forward pass (:mod:`conservcheck.runner.estimate`) — the logger ``conservcheck`` before any
             work starts.
+        keep_partial_results: keep the default partial-results file of a complete audit (the caller removes
+            it once the report is safely written, see :func:`discard_partial_results`); by default it is
+            removed when the report is built. A ``resume`` file is always kept.
         **options: the audit options of :data:`conservcheck.runner.options.OPTIONS` (``paths``, ``curl``,
             ``stein``, ``times`` / ``time_indices`` / ``sigmas``, ``n_samples``, ``n_points``, ``device``,
             ``precision``, ``batch_size``, ``seed``, ``data``, ``revision``, ``cache_dir``,
             ``trust_remote_code``, ``resume``, ``time_budget``, ``memory_budget``, ``shard``, ``block``,
-            ``n_probes``, ``n_vertices``, ``bridge_u``, ``sampler_steps``).
+            ``n_probes``, ``n_vertices``, ``bridge_u``, ``sampler_steps``; for conditional models
+            ``prompt``, ``prompt_file``, ``negative_prompt``, ``class_label`` and ``guidance_scale``).
     Returns:
         the :class:`~conservcheck.report.audit_report.AuditReport` (with ``shard``, a partial report: the other
         shards' units are ``skipped``; :func:`merge` combines the shards' files).
     Raises:
-        UsageError / ModelLoadError for bad options or an unloadable model; :class:`AuditInterrupted`
-        on Ctrl-C (finished work is kept in the partial-results file).
+        UsageError / ModelLoadError for bad options, an unloadable model or an audit too large for the
+        machine's memory; :class:`AuditInterrupted` on Ctrl-C (finished work is kept in the partial-results
+        file).
     """
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     clock = _PhaseClock()
     opts = resolve_options(options)
+    _check_cache_dir(opts["cache_dir"])
     probe = load_model(model, opts, set(options))
     opts, cpu_scaled = device_defaults(opts, probe.device)
     points = time_points(probe, opts["times"], opts["time_indices"], opts["sigmas"])
-    plan = plan_units(probe, opts, points)
+    scales = guidance_scales(probe, opts)
+    plan = plan_units(probe, opts, points, scales)
+    check_size(plan, probe, opts)
     # User data is read before anything is logged, so a mistake in it is the only line printed.
     data = _with_hash(*load_data(opts["data"], probe, opts["n_samples"], opts["seed"]), probe) if opts["data"] else None
     clock.stop("load")
     if cpu_scaled:
         log.info("%s", cpu_scaled_text(opts))
-    problems = list(check_probe(probe, seed=opts["seed"]).problems)
+    contract = check_probe(probe, seed=opts["seed"])
+    problems, warnings = list(contract.problems), list(contract.warnings)
     for p in problems:
         log.warning("model contract: %s", p)
-    # The batch-size search runs a real forward pass: only after the contract check has seen the model.
-    batcher = Batcher(
-        opts["batch_size"],
-        probe,
-        cache_dir=cache_folder(opts["cache_dir"], "batch") if probe.device.type == "cuda" else None,
-    )
+    # The batch-size search runs a real forward pass: only after the contract check has seen the model; at
+    # the largest guidance scale, whose forward pass doubles the batch inside the model when w is not 0 or 1.
+    with conditioning.select(probe, guidance=max(scales, key=guidance_cost) if scales else None):
+        batcher = Batcher(
+            opts["batch_size"],
+            probe,
+            cache_dir=cache_folder(opts["cache_dir"], "batch") if probe.device.type == "cuda" else None,
+        )
+    model_info = probe.describe()
+    if scales is not None:
+        model_info["conditioning"]["guidance_scales"] = list(scales)
     shard, n_shards = shard_of(opts["shard"])
     mine = [s for s in plan if s.group % n_shards == shard]
     sampling = data is None and not is_cached(
@@ -250,10 +353,10 @@ def audit(
     clock.stop("checks")
     header = {
         "tool": {"name": "conservcheck", "version": __version__},
-        "model": probe.describe(),
+        "model": model_info,
         "process": probe.process.to_dict(),
         "time_convention": probe.time_convention.to_dict(),
-        "time_points": [{"key": p.key, **p.to_dict()} for p in points],
+        "time_points": [_point_entry(p) for p in points],
         "options": {**numeric_options(opts), "cpu_scaled": cpu_scaled},
         "environment": _environment(probe),
     }
@@ -294,55 +397,52 @@ def audit(
             )
             problems.append(msg)
             header.update(
-                data_source={"kind": "model", "error": msg}, jacobian_strategy={}, problems=problems, complete=False
+                data_source={"kind": "model", "error": msg},
+                jacobian_strategy={},
+                problems=problems,
+                warnings=warnings,
+                complete=False,
             )
             return build_report(header, [], run_info, t0)
         tracker.advance(sampling_cost, "x0 drawn", unit=False)
         clock.stop("x0")
+    if source.get("warning"):
+        warnings.append(source["warning"])
+    for w in warnings:
+        log.warning("warning: %s", w)
     header["data_source"] = source
-    control = control_probe(probe, x0)
-    fingerprint = _fingerprint(probe, opts, points, source["sha256"])
+    release = getattr(probe, "release", None)
+    if callable(release):
+        release()  # what only obtaining x0 needed (a latent model's autoencoder) is freed before the diagnostics
+    controls = {"control": control_probe(probe, x0)}
+    if any(s.coupled for s in plan):
+        controls["coupled"] = control_probe(probe, x0, coupled=True)
+    identity = _identity(model_info, opts, points, source["sha256"], batcher.batch_size)
+    fingerprint = _fingerprint(identity)
     explicit = opts["resume"] is not None
-    name = fingerprint[:20] + (f".shard{shard}of{n_shards}" if opts["shard"] else "")
-    path = Path(opts["resume"]).expanduser() if explicit else cache_folder(opts["cache_dir"], "runs") / f"{name}.jsonl"
+    path = Path(opts["resume"]).expanduser() if explicit else _default_journal(opts, fingerprint, started)
     head = {
-        "format": JOURNAL_FORMAT,
         "schema_version": SCHEMA_VERSION,
         "fingerprint": fingerprint,
+        "identity": identity,
         "shard": opts["shard"],
         "plan": [[s.key, s.group] for s in plan],
         "header": json_safe(header),
         "problems": problems,
+        "warnings": warnings,
     }
     journal = Journal.open(path, head, reuse=explicit)
     reused = sum(s.key in journal.done for s in plan)
     log.info("partial results: %s%s", path, f" ({reused} finished units reused)" if reused else "")
-    fields = {"model": probe, "control": control}
-    deadline = None if opts["time_budget"] is None else t0 + opts["time_budget"]
-    records: list[dict[str, Any]] = []
     try:
-        for spec in plan:
-            rec = journal.done.get(spec.key)
-            if rec is None and spec.group % n_shards != shard:
-                records.append(unit_record(spec, "skipped", SKIPPED_SHARD))
-                continue
-            if rec is None and deadline is not None and time.perf_counter() > deadline:
-                records.append(unit_record(spec, "skipped", SKIPPED_BUDGET))
-                continue
-            what = f"{spec.diagnostic}.{spec.variant} {spec.field} {spec.time.key}"
-            if rec is None:
-                tracker.begin(what, spec.cost)
-                rec = run_unit(spec, fields[spec.field], x0, opts["seed"], batcher)
-                journal.append(rec)
-                clock.stop(f"{spec.diagnostic}.{spec.variant}")
-            records.append(rec)
-            tracker.advance(spec.cost, what)
-    except KeyboardInterrupt:
-        raise AuditInterrupted(path, journal.saved(), opts["shard"]) from None
+        records = _run_units(journal, plan, probe, controls, x0, opts, batcher, tracker, clock, t0)
     finally:
         batcher.on_batch = None
+        journal.close()
     complete = all(r["status"] != "skipped" for r in records)
-    header.update(jacobian_strategy=jacobian_strategies(records), problems=problems, complete=complete)
+    header.update(
+        jacobian_strategy=jacobian_strategies(records), problems=problems, warnings=warnings, complete=complete
+    )
     run_info.update(units_reused=reused, partial_results=str(path))
     if opts["shard"]:
         log.info(
@@ -362,7 +462,9 @@ def audit(
         f" (the plan estimated {duration_text(estimated)})" if estimated is not None else "",
     )
     if not explicit and complete:
-        path.unlink(missing_ok=True)
+        report.default_partial_results = path
+        if not keep_partial_results:
+            discard_partial_results(report)
     return report
 
 
@@ -379,6 +481,65 @@ class _PhaseClock:
         self.last = now
 
 
+def discard_partial_results(report: AuditReport) -> None:
+    """Remove the default partial-results file of a complete audit (call it once the report is safely on
+    disk; a ``resume`` file, or the file of an incomplete audit, is never removed)."""
+    path = getattr(report, "default_partial_results", None)
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
+        report.default_partial_results = None
+
+
+def _point_entry(p: TimePoint) -> dict[str, Any]:
+    return {"key": p.key, **p.to_dict(), **({"requested": p.requested} if p.requested is not None else {})}
+
+
+def _run_units(
+    journal: Journal,
+    plan: list[UnitSpec],
+    probe: VectorFieldProbe,
+    controls: dict[str, VectorFieldProbe],
+    x0: Tensor,
+    opts: dict[str, Any],
+    batcher: Batcher,
+    tracker: ProgressLog,
+    clock: _PhaseClock,
+    t0: float,
+) -> list[dict[str, Any]]:
+    """Every unit of the plan: reused from the journal, run (and appended to it), or skipped (another
+    shard's, or past the time budget). Ctrl-C raises :class:`AuditInterrupted`."""
+    shard, n_shards = shard_of(opts["shard"])
+    deadline = None if opts["time_budget"] is None else t0 + opts["time_budget"]
+    records: list[dict[str, Any]] = []
+    # A control unit follows the first model unit of its group (with guidance scales, the first scale's).
+    first_model: dict[int, dict[str, Any]] = {}
+    try:
+        for spec in plan:
+            rec = journal.done.get(spec.key)
+            if rec is None and spec.group % n_shards != shard:
+                records.append(unit_record(spec, "skipped", SKIPPED_SHARD))
+                continue
+            if rec is None and deadline is not None and time.perf_counter() > deadline:
+                records.append(unit_record(spec, "skipped", SKIPPED_BUDGET))
+                continue
+            where = spec.time.key + ("" if spec.guidance is None else f" w={spec.guidance:g}")
+            what = f"{spec.diagnostic}.{spec.variant} {spec.field} {where}"
+            if rec is None:
+                tracker.begin(what, spec.cost)
+                field = probe if spec.field == "model" else controls["coupled" if spec.coupled else "control"]
+                follow = follow_model(spec, first_model.get(spec.group))
+                rec = run_unit(spec, field, x0, opts["seed"], batcher, follow)
+                journal.append(rec)
+                clock.stop(f"{spec.diagnostic}.{spec.variant}")
+            if spec.field == "model":
+                first_model.setdefault(spec.group, rec)
+            records.append(rec)
+            tracker.advance(spec.cost, what)
+    except KeyboardInterrupt:
+        raise AuditInterrupted(journal.path, journal.saved(), opts["shard"]) from None
+    return records
+
+
 def _signature() -> inspect.Signature:
     """``audit(model, *, progress, <every option>)`` with the table's defaults, for help() and IDEs."""
     params = [
@@ -386,6 +547,7 @@ def _signature() -> inspect.Signature:
             "model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DEFAULT_MODEL, annotation="VectorFieldProbe | str"
         ),
         inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Progress | None"),
+        inspect.Parameter("keep_partial_results", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"),
     ]
     params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default) for o in audit_options()]
     return inspect.Signature(params, return_annotation="AuditReport")
@@ -393,7 +555,4 @@ def _signature() -> inspect.Signature:
 
 audit.__signature__ = _signature()  # type: ignore[attr-defined]
 
-
-audit.__signature__ = _signature()  # type: ignore[attr-defined]
-
-__all__ = ["AuditInterrupted", "DEFAULT_MODEL", "audit", "load_model"]
+__all__ = ["AuditInterrupted", "DEFAULT_MODEL", "audit", "discard_partial_results", "load_model"]

@@ -11,28 +11,22 @@ from typing import Any
 
 from conservcheck.errors import UsageError
 from conservcheck.report import AuditReport
-from conservcheck.runner.journal import Journal
+from conservcheck.runner.journal import Journal, first_difference
 from conservcheck.runner.options import shard_of
 from conservcheck.runner.units import build_report, jacobian_strategies
 
 log = logging.getLogger("conservcheck")
 
 
-def _first_difference(a: Any, b: Any, where: str = "") -> str:
-    """``model.device: 'cuda:0' vs 'cuda:1'``: the first place two JSON values differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
-    return f"{where or 'header'}: {a!r} vs {b!r}"
-
-
 def merge(paths: Sequence[str | Path]) -> AuditReport:
     """The report of an audit run as shards (``shard="i/n"``), from their partial-results files.
 
-    Every file must come from the same audit (same fingerprint: model, data, numeric options, x0) and
-    together they must hold every unit of its plan; the report is then identical to an unsharded
-    run's, except the ``run`` object (here: ``merged_from``, the files, and the units each one gave).
+    Every file must come from the same audit (same fingerprint: model, data, numeric options, x0, batch
+    size), is checked line by line (:class:`~conservcheck.runner.journal.Journal`) and left as it is, and
+    together they must hold every unit of its plan; the report is then an unsharded run's, except the
+    ``run`` object (here: ``merged_from``, the files, and the units each one gave): bit-identical when
+    every shard ran with the thread count of that run (units are computed whole), within the
+    reproducibility tolerance otherwise (:mod:`conservcheck.report.reproducibility`).
     Files may overlap (a unit found twice is taken from the first file that has it).
 
     Raises:
@@ -42,16 +36,12 @@ def merge(paths: Sequence[str | Path]) -> AuditReport:
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     if not paths:
         raise UsageError("nothing to merge", "pass the partial-results files of every shard")
+    # Read only: a torn last line is ignored here, never cut off (the files may belong to running shards).
     journals = [Journal.read(Path(p).expanduser()) for p in paths]
     first = journals[0]
-    if "plan" not in first.head or "header" not in first.head:
-        raise UsageError(
-            f"{first.path} was written by an older conservcheck and cannot be merged",
-            "run the audit again with this version",
-        )
     for j in journals[1:]:
         if j.fingerprint != first.fingerprint:
-            diff = _first_difference(first.head.get("header"), j.head.get("header"))
+            diff = first_difference(first.head.get("identity"), j.head.get("identity"))
             raise UsageError(
                 f"{j.path} and {first.path} hold partial results of different audits ({diff})",
                 "merge the files of one audit: same model, data, options and seed, run with --shard i/n; "
@@ -72,7 +62,10 @@ def merge(paths: Sequence[str | Path]) -> AuditReport:
         raise UsageError(*_missing_message(missing, len(plan), journals))
     header = dict(first.head["header"])
     header.update(
-        jacobian_strategy=jacobian_strategies(records), problems=list(first.head.get("problems", [])), complete=True
+        jacobian_strategy=jacobian_strategies(records),
+        problems=list(first.head.get("problems", [])),
+        warnings=list(first.head.get("warnings", [])),
+        complete=True,
     )
     run_info: dict[str, Any] = {
         "merged_from": [

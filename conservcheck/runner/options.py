@@ -14,8 +14,10 @@ the audit says so in its log and its report).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +37,9 @@ from conservcheck.settings import (
     integer,
     memory,
     numbers,
-    optional_text,
+    text,
 )
+from conservcheck.settings import items as settings_items
 
 PAPER_SAMPLES = 256
 CPU_SAMPLES = 32
@@ -56,6 +59,77 @@ def _shard(value: Any) -> str | None:
             "--shard", "i/n with 0 ≤ i < n, such as 0/4", value, "number the shards of an n-way split 0/n … (n-1)/n"
         )
     return f"{int(m.group(1))}/{int(m.group(2))}"
+
+
+def _flat(value: Any) -> list[Any]:
+    """Items of a comma-separated string, or of a list whose strings may be comma-separated themselves."""
+    out: list[Any] = []
+    for v in settings_items(value):
+        out += settings_items(v) if isinstance(v, str) else [v]
+    return out
+
+
+def _guidance(value: Any) -> tuple[float, ...] | None:
+    """Guidance scales w ≥ 0 from ``"1,7.5"``, a list or a number: sorted, duplicates removed."""
+    if value is None:
+        return None
+    out = set()
+    for item in _flat(value):
+        try:
+            w = float(item)
+        except (TypeError, ValueError):
+            raise fail("--guidance-scale", "numbers ≥ 0 such as 1 or 7.5", item) from None
+        if not (math.isfinite(w) and w >= 0):
+            raise fail("--guidance-scale", "numbers ≥ 0 such as 1 or 7.5", item)
+        out.add(w)
+    if not out:
+        raise fail("--guidance-scale", "at least one number", value)
+    return tuple(sorted(out))
+
+
+def _class_labels(value: Any) -> tuple[int, ...] | str | None:
+    """Class labels ≥ 0 (comma-separated or repeated; order kept, duplicates removed), or ``random``."""
+    if value is None:
+        return None
+    labels = _flat(value)
+    if any(isinstance(v, str) and v.strip().lower() == "random" for v in labels):
+        if len(labels) != 1:
+            raise fail("--class-label", "class labels, or random on its own", value)
+        return "random"
+    out = tuple(dict.fromkeys(integer("--class-label", 0)(v) for v in labels))
+    if not out:
+        raise fail("--class-label", "at least one class label, or random", value)
+    return out
+
+
+def _prompts(value: Any) -> tuple[str, ...] | None:
+    """Prompts, verbatim (commas are part of a prompt): one string, or one per repetition of --prompt."""
+    if value is None:
+        return None
+    prompts = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) for p in prompts) or not prompts:
+        raise fail("--prompt", "text, or a list of texts", value)
+    return tuple(prompts)
+
+
+def read_prompts(path: str) -> tuple[str, ...]:
+    """The prompts of a text file, one per non-empty line (trailing whitespace removed)."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"no prompt file {path}", "pass a text file with one prompt per line") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(
+            f"cannot read prompt file {path} ({err})", "pass a UTF-8 text file, one prompt per line"
+        ) from None
+    prompts = tuple(line.rstrip() for line in text.splitlines() if line.strip())
+    if not prompts:
+        raise UsageError(f"prompt file {path} holds no prompt", "write one prompt per line")
+    return prompts
+
+
+#: The options that choose a conditional model's conditions; they reach the adapter that loads it.
+CONDITION_OPTIONS = ("prompt", "negative_prompt", "class_label")
 
 
 def shard_of(text: str | None) -> tuple[int, int]:
@@ -127,7 +201,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         "batch_size",
         "auto",
         "--batch-size",
-        "Model batch size, or auto.",
+        "Model batch size, or auto (a resumed or merged audit must use the same).",
         auto_or(integer("--batch-size", 1)),
         "N|auto",
         numeric=False,
@@ -136,7 +210,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         "seed",
         0,
         "--seed",
-        "Seed of every random draw (results do not depend on batch size).",
+        "Seed of every random draw (the draws do not depend on the batch size).",
         integer("--seed", 0),
         "N",
         schema={"type": "integer", "minimum": 0},
@@ -147,7 +221,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         "--data",
         "Clean samples x0: a folder of images, an .npy/.npz/.pt array, or a table file (local or hf://); "
         "default: samples drawn from the model.",
-        optional_text,
+        text("--data", "a file or folder path"),
         "PATH",
         shown="samples from the model",
         schema={"type": ["string", "null"]},
@@ -157,7 +231,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         None,
         "--revision",
         "Hub revision (branch, tag or commit) of MODEL.",
-        optional_text,
+        text("--revision", "a branch, tag or commit"),
         "REV",
         schema={"type": ["string", "null"]},
     ),
@@ -166,7 +240,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
         None,
         "--cache-dir",
         "Cache folder for hub downloads, model samples and partial results.",
-        optional_text,
+        text("--cache-dir", "a folder path"),
         "DIR",
         shown="the Hugging Face cache",
         numeric=False,
@@ -186,8 +260,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
         None,
         "--resume",
         "Partial-results file (JSON lines): its finished units are reused and new ones appended to it "
-        "(default: a file in the cache folder, named in the log, removed once the audit completes).",
-        optional_text,
+        "(default: a file of this run in the cache folder, named in the log, removed once the report is written).",
+        text("--resume", "a file path"),
         "PATH",
         numeric=False,
         shown="a file in the cache folder",
@@ -221,6 +295,66 @@ CORE_OPTIONS: tuple[Option, ...] = (
         _shard,
         "I/N",
         numeric=False,
+    ),
+    Option(
+        "prompt",
+        None,
+        "--prompt",
+        "Prompt of a text-to-image model (repeat for several: sample i gets prompt i mod K).",
+        _prompts,
+        "TEXT",
+        shown="none (an unconditional model)",
+        schema={"type": ["array", "null"], "items": {"type": "string"}},
+        multiple=True,
+    ),
+    Option(
+        "prompt_file",
+        None,
+        "--prompt-file",
+        "A text file of prompts, one per line (added after any --prompt).",
+        text("--prompt-file"),
+        "PATH",
+        numeric=False,
+    ),
+    Option(
+        "negative_prompt",
+        None,
+        "--negative-prompt",
+        "The unconditional input of classifier-free guidance (the field at w = 0).",
+        text("--negative-prompt"),
+        "TEXT",
+        shown="the empty prompt",
+        schema={"type": ["string", "null"]},
+    ),
+    Option(
+        "class_label",
+        None,
+        "--class-label",
+        "Class label of a class-conditional model (repeat or comma-separate for several: sample i gets label "
+        "i mod K), or random (a seeded draw per sample).",
+        _class_labels,
+        "N|random",
+        shown="none (an unconditional model)",
+        schema={
+            "oneOf": [
+                {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                {"const": "random"},
+                {"type": "null"},
+            ]
+        },
+        multiple=True,
+    ),
+    Option(
+        "guidance_scale",
+        None,
+        "--guidance-scale",
+        "Classifier-free guidance scales w of a conditional model, comma-separated or repeated: every "
+        "diagnostic is reported against w (docs/conditional.md).",
+        _guidance,
+        "W",
+        shown="1 (the conditional field) for conditional models",
+        schema={"type": ["array", "null"], "items": {"type": "number", "minimum": 0}},
+        multiple=True,
     ),
     Option(
         "n_probes",
@@ -280,6 +414,12 @@ def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
         out[opt.name] = value if value is None or value is opt.default else opt.parse(value)
     if sum(out[k] is not None for k in ("times", "time_indices", "sigmas")) > 1:
         raise UsageError("--times, --time-indices and --sigmas were combined", "choose time points one way")
+    if out["prompt_file"] is not None:
+        out["prompt"] = (out["prompt"] or ()) + read_prompts(out["prompt_file"])
+    if out["prompt"] is not None and out["class_label"] is not None:
+        raise UsageError("--prompt and --class-label were combined", "a model takes prompts or class labels, not both")
+    if out["negative_prompt"] is not None and out["prompt"] is None:
+        raise UsageError("--negative-prompt needs a --prompt", "give the prompt it guides away from")
     if not any(spec.selected(out) for spec in diagnostics.registered().values()):
         raise UsageError(
             "nothing to audit: no loop path, no curl variant and no Stein reference",
@@ -336,6 +476,7 @@ def cpu_scaled_text(options: dict[str, Any]) -> str:
 
 
 __all__ = [
+    "CONDITION_OPTIONS",
     "CORE_OPTIONS",
     "audit_options",
     "cpu_scaled_text",
@@ -343,6 +484,7 @@ __all__ = [
     "numeric_options",
     "option",
     "resolve_device",
+    "read_prompts",
     "resolve_options",
     "shard_of",
 ]

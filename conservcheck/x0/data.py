@@ -7,14 +7,19 @@
   array — name it with ``file.npz#key`` when there are several);
 * a table file read with pandas — ``.parquet``, ``.csv``, ``.tsv``, ``.json``, ``.jsonl`` — local or on the
   Hugging Face Hub (``hf://datasets/<owner>/<name>/<file>``); one image column (encoded image bytes, as
-  in the Hub's image datasets) or one numeric column per component (a ``label``/``target`` column is
-  ignored); choose a column with ``file.parquet#column``.
+  in the Hub's image datasets) or one numeric column per component (``label``/``target``/``class``/``y``
+  columns are never components); choose a column with ``file.parquet#column``.
 
 Values: 8-bit data (uint8 arrays, image files, integer tables within 0 … 255) is mapped linearly from
 [0, 255] onto the probe's ``data_range``; floating-point arrays and tables are taken as already in the
-model's data coordinates and must lie inside ``data_range``. Layouts [N, *sample_shape],
-channels-last images [N, H, W, C], single-channel [N, H, W] and flat [N, D] are accepted; images of
-another size are resized (antialiased bilinear) to the probe's height and width.
+model's data coordinates and must lie inside ``data_range``. Float data that occupies only one half of
+the range (all values on one side of its middle, like images in [0, 1] given to a model of [−1, 1]) is
+used, with a warning that the report records; the values' range is recorded too (``value_range``).
+Arrays must have one of the layouts [N, *sample_shape], channels-last images [N, H, W, C],
+single-channel [N, H, W] or flat [N, D]: an array of any other shape is refused, never resized. Image
+files and image columns are decoded at the probe's height and width (resized when they differ).
+
+Only regular files are read (a FIFO would block, a device never ends).
 
 For a latent probe (one with ``encode`` and ``image_shape``, see :func:`image_target`) images are read at
 the autoencoder's input size, mapped onto its ``image_range`` and encoded into clean latents; arrays shaped
@@ -35,11 +40,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from conservcheck import rng
 from conservcheck.errors import UsageError, reason
+from conservcheck.files import input_file
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.safe_load import quiet_torch_load, unsafe_global
 
@@ -255,7 +260,7 @@ def _from_table(
                 raise UsageError(f"cannot decode an image in {spec}: {reason(err)}", "check the image column") from None
         return np.stack(arrays), {"kind": "table", "column": str(image_cols[0]), "n_available": len(frame)}
     numeric = frame[[key]] if key else frame.select_dtypes("number")
-    if numeric.shape[1] != rows.dim:
+    if not key:
         numeric = numeric[[c for c in numeric.columns if str(c).lower() not in LABEL_COLUMNS]]
     if numeric.shape[1] != rows.dim:
         raise UsageError(
@@ -266,7 +271,8 @@ def _from_table(
 
 
 def _to_layout(arr: np.ndarray, target: Target, source: str) -> Tensor:
-    """[N, ...] array → float64 tensor [N, *target.shape] (transposing or resizing images as needed)."""
+    """[N, ...] array → float64 tensor [N, *target.shape]: the same layout, flat [N, D], channels-last
+    [N, H, W, C] or single-channel [N, H, W]; any other shape is refused (never resized)."""
     shape = target.shape
     x = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float64)
     n = x.shape[0]
@@ -280,16 +286,14 @@ def _to_layout(arr: np.ndarray, target: Target, source: str) -> Tensor:
     if x.ndim == 2 and x.shape[1] == target.dim:
         return x.reshape(n, *shape)
     if len(shape) == 3:
-        c = shape[0]
-        if x.ndim == 3 and c == 1:
-            x = x[:, None]
-        elif x.ndim == 4 and x.shape[1] != c and x.shape[-1] == c:
-            x = x.permute(0, 3, 1, 2)
-        if x.ndim == 4 and x.shape[1] == c:
-            return F.interpolate(x, size=shape[1:], mode="bilinear", antialias=True, align_corners=False)
+        c, h, w = shape
+        if c == 1 and tuple(x.shape[1:]) == (h, w):
+            return x[:, None]
+        if tuple(x.shape[1:]) == (h, w, c):
+            return x.permute(0, 3, 1, 2).contiguous()
     raise UsageError(
         f"{source} holds samples of shape {tuple(arr.shape[1:])}, the model expects {shape}",
-        "save the samples as [N, *sample_shape], [N, H, W, C] or [N, D]",
+        "save the samples as [N, *sample_shape], [N, H, W, C] or [N, D] (arrays are never resized)",
     )
 
 
@@ -309,6 +313,20 @@ def _to_range(x: Tensor, eight_bit: bool, target: Target, source: str) -> tuple[
     return x, "values used as given, in the model's data coordinates"
 
 
+def range_warning(x: Tensor, data_range: tuple[float, float], source: str) -> str | None:
+    """A warning when float data lie on one side of the middle of the model's data range (module doc)."""
+    lo, hi = data_range
+    mid, tol = 0.5 * (lo + hi), 1e-3 * (hi - lo)
+    vmin, vmax = float(x.min()), float(x.max())
+    if vmax - vmin <= tol or not (vmin >= mid - tol or vmax <= mid + tol):
+        return None
+    return (
+        f"{source} values span [{vmin:.4g}, {vmax:.4g}], one half of the model's data range [{lo:g}, {hi:g}] "
+        "(if the data use another convention, e.g. images in [0, 1] for a model of [-1, 1], rescale them; "
+        "8-bit images are mapped automatically)"
+    )
+
+
 def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Tensor, dict[str, Any]]:
     """n clean samples from ``spec`` (see the module doc) and a description of the source for reports.
 
@@ -318,7 +336,8 @@ def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Te
     range check (scaled latents have no fixed bounds).
 
     Returns:
-        (x0 [n, *sample_shape] float64 on the CPU, {"kind", "path", "n", "mapping", ...}).
+        (x0 [n, *sample_shape] float64 on the CPU, {"kind", "path", "n", "mapping", "value_range", ...},
+        with ``warning`` when float data occupy one half of the model's range).
     """
     path_text, key = _split_key(str(spec))
     is_remote = "://" in path_text
@@ -329,6 +348,8 @@ def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Te
     read_as = images or model
     if not is_remote and not path.exists():
         raise UsageError(f"data not found: {path_text}", HINT)
+    if not is_remote and not path.is_dir():
+        input_file(path, "data file", HINT)
     if not is_remote and path.is_dir():
         raw, info = _from_folder(path, read_as, n, seed)
         eight_bit = True
@@ -360,7 +381,17 @@ def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Te
     else:
         x = _to_layout(raw, model, path_text)
         x, mapping = _to_range(x, bool(eight_bit), model, path_text)
-    info = {**info, "path": str(spec), "n": n, "mapping": mapping, "sha256": tensor_sha256(x)}
+        warning = None if eight_bit else range_warning(x, model.data_range, path_text)
+        if warning:
+            info["warning"] = warning
+    info = {
+        **info,
+        "path": str(spec),
+        "n": n,
+        "mapping": mapping,
+        "value_range": [float(x.min()), float(x.max())],
+        "sha256": tensor_sha256(x),
+    }
     return x, info
 
 

@@ -8,19 +8,25 @@ h_i = λ_i − λ_{i−1} and the model's clean-data prediction D = x̂0 = (x + 
     x_i = (σ_i/σ_{i−1}) x_{i−1} + α_i (1 − e^{−h_i}) D̃,   D̃ = (1 + 1/(2r)) D_{i−1} − 1/(2r) D_{i−2},
 
 with r = h_{i−1}/h_i (D̃ = D_{i−1} on the first step, which is exactly DDIM); the sample is the last x̂0.
-This holds for any Gaussian process (VP, VE, flow). Times: every native index of a discrete schedule
+This holds for any Gaussian process (VP, VE, flow). A conditional model's samples are drawn with the
+conditional field (guidance scale w = 1, the model's p(x | c)), each with its sample's condition, so the
+x0 of a guided audit are the same points at every w. Times: every native index of a discrete schedule
 from T−1 down to 0, ``steps`` of them evenly spaced; otherwise ``steps`` times evenly spaced in λ from
 nearly pure noise to nearly clean data (:func:`conservcheck.timepoints.noise_span`). No clipping: the samples
 are what the field itself transports. The starting noise of sample i comes from the stream
-(seed, "sampler", i), so a sample never depends on the batch it ran in.
+(seed, "sampler", i), so a sample's starting point never depends on the batch it ran in; the sample
+itself is bit-identical for the same batch size and thread count, and otherwise equal to the rounding
+the ODE carries from step to step (:mod:`conservcheck.report.reproducibility`).
 
 Samples are cached (``.npy`` + a JSON key file) under huggingface_hub's assets cache,
 ``cached_assets_path("conservcheck", subfolder="samples")``, or ``<cache_dir>/conservcheck/default/samples``;
 the file name is the SHA-256 of everything that decides the samples — the probe's identity (reference,
 revision, weights SHA-256, adapter, parameterization, process, time convention, shape, data range, dtype,
 precision, device type), n, seed and the sampler's name, version and steps — and the key file is compared
-in full on every read, so a stale entry can never be returned. Probes without a weights hash (analytic
-fields, plain callables) are never cached.
+in full on every read, so a stale entry can never be returned. The key file also records the SHA-256 of
+the ``.npy`` file, checked on every read: a cache entry damaged or changed after it was written is not
+used (the samples are drawn again, with a warning). Probes without a weights hash (analytic fields, plain
+callables) are never cached.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +44,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from conservcheck import rng
+from conservcheck import conditioning, rng
 from conservcheck.batching import Batcher, evaluate
-from conservcheck.errors import ProbeContractError
-from conservcheck.files import cache_folder, write_atomic
+from conservcheck.errors import ProbeContractError, UsageError
+from conservcheck.files import cache_folder, read_input, write_atomic
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.process import log_snr_grid
 from conservcheck.timepoints import noise_span
@@ -58,14 +65,22 @@ def time_grid(probe: VectorFieldProbe, steps: int) -> Tensor:
     ``steps`` times evenly spaced in log-SNR over :func:`~conservcheck.timepoints.noise_span`.
     """
     conv = probe.time_convention
-    if conv.discrete:
+    if conv.num_steps is not None:
         k = torch.linspace(conv.num_steps - 1, 0, steps, dtype=torch.float64).round().unique_consecutive()
         return conv.to_canonical(k)
     return log_snr_grid(probe.process, *noise_span(probe), steps)
 
 
-def sample(probe: VectorFieldProbe, n: int, seed: int, steps: int = 50, batcher: Batcher | None = None) -> Tensor:
-    """n samples [n, *sample_shape] in the probe's dtype and device (see the module doc).
+def sample(
+    probe: VectorFieldProbe,
+    n: int,
+    seed: int,
+    steps: int = 50,
+    batcher: Batcher | None = None,
+    index: Sequence[int] | None = None,
+) -> Tensor:
+    """n samples [n, *sample_shape] in the probe's dtype and device (see the module doc); sample b starts
+    from the noise of global index ``index[b]`` (default b).
 
     Raises :class:`ProbeContractError` when the model's output turns NaN/Inf along the way.
     """
@@ -75,7 +90,8 @@ def sample(probe: VectorFieldProbe, n: int, seed: int, steps: int = 50, batcher:
     alpha, sigma = proc.alpha(ts), proc.sigma(ts)
     lam = torch.log(alpha / sigma)
     lo, hi = probe.data_range
-    eps0 = torch.stack([rng.normal(probe.sample_shape, seed, "sampler", i, dtype=probe.dtype) for i in range(n)])
+    index = range(n) if index is None else index
+    eps0 = torch.stack([rng.normal(probe.sample_shape, seed, "sampler", int(i), dtype=probe.dtype) for i in index])
     x = (float(alpha[0]) * 0.5 * (lo + hi) + float(sigma[0]) * eps0).to(probe.device)
     prev: Tensor | None = None
     for i, t in enumerate(ts):
@@ -102,7 +118,9 @@ def _key(probe: VectorFieldProbe, n: int, seed: int, steps: int) -> dict[str, An
     info = probe.info
     if not info.weights_sha256:
         return None
+    cond = probe.conditioning
     return {
+        **({"conditioning": cond.describe()} if cond is not None else {}),
         "reference": info.reference,
         "revision": info.revision,
         "weights_sha256": info.weights_sha256,
@@ -136,19 +154,50 @@ def is_cached(
 def _write(folder: Path, name: str, x: Tensor, key: dict[str, Any]) -> None:
     buf = io.BytesIO()
     np.save(buf, x.detach().cpu().numpy(), allow_pickle=False)
-    write_atomic(folder / f"{name}.npy", buf.getvalue())
-    write_atomic(folder / f"{name}.json", json.dumps(key, sort_keys=True))
+    data = buf.getvalue()
+    write_atomic(folder / f"{name}.npy", data)
+    write_atomic(folder / f"{name}.json", json.dumps({"key": key, "sha256": hashlib.sha256(data).hexdigest()}))
 
 
 def _read(folder: Path, name: str, key: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray | None:
-    try:
-        stored = json.loads((folder / f"{name}.json").read_text())
-        arr = np.load(folder / f"{name}.npy", allow_pickle=False)
-    except (OSError, ValueError):
+    """The cached samples, or None when there are none or the entry is not exactly what was written."""
+    if not (folder / f"{name}.json").exists():
         return None
-    if stored != json.loads(json.dumps(key, sort_keys=True)) or arr.shape != shape or not np.isfinite(arr).all():
+    limit = 64 * math.prod(shape) + 4096
+    try:
+        stored = json.loads(read_input(folder / f"{name}.json", "sample cache key", "", 1 << 20))
+    except (UsageError, ValueError):
+        stored = None
+    if not isinstance(stored, dict) or stored.get("key") != json.loads(json.dumps(key, sort_keys=True)):
+        return None  # another entry's key, or a key file of an older version: not these samples
+    try:
+        data = read_input(folder / f"{name}.npy", "sample cache", "", limit)
+        if stored.get("sha256") != hashlib.sha256(data).hexdigest():
+            raise ValueError("its SHA-256 is not the one recorded")
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (UsageError, OSError, ValueError) as err:
+        log.warning("the cached model samples %s are damaged (%s): drawing them again", folder / f"{name}.npy", err)
+        return None
+    if arr.shape != shape:
+        return None
+    if not np.isfinite(arr).all():
+        log.warning("the cached model samples %s are not finite: drawing them again", folder / f"{name}.npy")
         return None
     return arr
+
+
+def _conditional_samples(probe: VectorFieldProbe, n: int, seed: int, steps: int, batcher: Batcher | None) -> Tensor:
+    """:func:`sample`, once per condition on the samples that condition is assigned (w = 1)."""
+    parts = conditioning.groups(probe, range(n), seed)
+    with conditioning.select(probe, guidance=1.0 if parts[0][0] is not None else None):
+        if len(parts) == 1:
+            with conditioning.select(probe, condition=parts[0][0]):
+                return sample(probe, n, seed, steps, batcher)
+        x = torch.empty(n, *probe.sample_shape, dtype=probe.dtype, device=probe.device)
+        for condition, pos in parts:
+            with conditioning.select(probe, condition=condition):
+                x[torch.tensor(pos, device=x.device)] = sample(probe, len(pos), seed, steps, batcher, index=pos)
+    return x
 
 
 def model_samples(
@@ -175,7 +224,7 @@ def model_samples(
             log.info("x0: %d model samples read from the cache (%s)", n, folder / f"{name}.npy")
             return torch.from_numpy(arr).to(device=probe.device, dtype=probe.dtype), source
     log.info("x0: drawing %d samples from the model (deterministic DPM-Solver++(2M), %d steps)", n, steps)
-    x = sample(probe, n, seed, steps, batcher)
+    x = _conditional_samples(probe, n, seed, steps, batcher)
     if folder is not None and name is not None:
         try:
             _write(folder, name, x, key)

@@ -17,12 +17,12 @@ from typing import Any
 from torch import Tensor
 
 from conservcheck.adapters.score_sde.config import SDEConfig
-from conservcheck.adapters.score_sde.convert import KeyPair
 from conservcheck.adapters.weights import single_file
 from conservcheck.errors import ModelLoadError
 from conservcheck.safe_load import pickle_names, torch_load
 
 SUFFIXES = (".pth", ".pt", ".ckpt")
+_CONFIG_HINT = "check the config's name, nf, ch_mult, num_res_blocks, attn_resolutions and progressive settings"
 
 
 def _is_checkpoint(file: pathlib.Path) -> bool:
@@ -59,15 +59,14 @@ def model_state(ckpt: Any) -> tuple[dict[str, Tensor], dict[str, Any] | None, An
     )
 
 
-def apply_ema(state: Mapping[str, Tensor], ema: Any, pairs: list[KeyPair]) -> dict[str, Tensor]:
-    """``state`` with the EMA shadow parameters in place of the trainable ones (positional, like
-    score_sde's ``ExponentialMovingAverage.copy_to``)."""
+def apply_ema(state: Mapping[str, Tensor], ema: Any, trainable: list[str]) -> dict[str, Tensor]:
+    """``state`` with the EMA shadow parameters in place of the ``trainable`` ones (their names in
+    ``parameters()`` order; positional, like score_sde's ``ExponentialMovingAverage.copy_to``)."""
     shadow = ema.get("shadow_params") if isinstance(ema, Mapping) else None
     if shadow is None:
         raise ModelLoadError(
             "the checkpoint has no EMA weights ('ema.shadow_params')", "load the trained weights with weights='raw'"
         )
-    trainable = [p.original for p in pairs if p.trainable]
     if len(shadow) != len(trainable):
         raise ModelLoadError(
             f"the EMA holds {len(shadow)} tensors, the model has {len(trainable)} trainable parameters",
@@ -75,6 +74,8 @@ def apply_ema(state: Mapping[str, Tensor], ema: Any, pairs: list[KeyPair]) -> di
         )
     out = dict(state)
     for key, value in zip(trainable, shadow):
+        if key not in state:
+            raise ModelLoadError(f"the checkpoint lacks {key}: it does not match the config", _CONFIG_HINT)
         if tuple(value.shape) != tuple(state[key].shape):
             raise ModelLoadError(
                 f"EMA tensor for {key} has shape {tuple(value.shape)}, the model's is {tuple(state[key].shape)}",
@@ -96,3 +97,16 @@ def check_sigmas(sigmas: Tensor | None, cfg: SDEConfig) -> None:
             f"{cfg.sigma_min:g} to {cfg.sigma_max:g}",
             "use the model's own config (sigma_max: 50 CIFAR-10, 348 CelebA-HQ/FFHQ-256, 378/380 LSUN, 1348 at 1024)",
         )
+
+
+def num_scales(sigmas: Tensor | None, cfg: SDEConfig) -> int:
+    """The number of noise scales N: the checkpoint's ``sigmas`` buffer has N entries (score_sde builds it
+    from ``model.num_scales`` for every model); the config's value, when given, must agree."""
+    n = int(sigmas.numel()) if sigmas is not None else None
+    if n is not None and cfg.num_scales is not None and n != cfg.num_scales:
+        raise ModelLoadError(
+            f"the checkpoint has {n} noise scales, the config says model.num_scales = {cfg.num_scales}",
+            "use the model's own config (1000: CIFAR-10 and the DDPM baselines; 2000: the LSUN, FFHQ and CelebA-HQ "
+            "VE models)",
+        )
+    return n or cfg.num_scales or 1000

@@ -40,6 +40,7 @@ class SDEConfig:
     sigma_max: float | None = None
     beta_min: float = 0.1
     beta_max: float = 20.0
+    num_scales: int | None = None
     name: str = "ncsnpp"
     nf: int = 128
     attn_resolutions: tuple[int, ...] = (16,)
@@ -53,18 +54,29 @@ class SDEConfig:
     conditional: bool = True
     skip_rescale: bool = True
     scale_by_sigma: bool | None = None
+    resamp_with_conv: bool = True
     nonlinearity: str = "swish"
     normalization: str = "GroupNorm"
     attention_type: str = "ddpm"
 
     @property
     def ve(self) -> bool:
-        return self.sde == "vesde"
+        return self.sde.lower() == "vesde"
 
     @property
     def scaled_by_sigma(self) -> bool:
         """``model.scale_by_sigma``; score_sde sets it for VE and clears it for VP configs."""
         return self.ve if self.scale_by_sigma is None else bool(self.scale_by_sigma)
+
+    @property
+    def subvp(self) -> bool:
+        return self.sde.lower() == "subvpsde"
+
+    @property
+    def time_embedding(self) -> str:
+        """The embedding the network really uses: score_sde's DDPM always embeds the label with sinusoids
+        (its configs keep the default ``embedding_type="fourier"``, which it ignores)."""
+        return "positional" if self.name.lower() == "ddpm" else self.embedding_type.lower()
 
     @property
     def resolutions(self) -> list[int]:
@@ -84,29 +96,6 @@ _SECTION = {
 _REQUIRED = ("sde", "image_size", "ch_mult", "num_res_blocks")
 _TUPLES = ("ch_mult", "attn_resolutions", "fir_kernel")
 
-_HIGHRES = {"model": {"nf": 128, "ch_mult": (1, 1, 2, 2, 2, 2, 2), "num_res_blocks": 2}, "data": {"image_size": 256}}
-_MEGA = {
-    "model": {"nf": 16, "ch_mult": (1, 2, 4, 8, 16, 32, 32, 32), "num_res_blocks": 1, "sigma_max": 1348.0},
-    "data": {"image_size": 1024},
-}
-_CIFAR_NCSNPP = {
-    "data": {"image_size": 32},
-    "model": {"ch_mult": (1, 2, 2, 2), "num_res_blocks": 4, "progressive": "none", "progressive_input": "residual"},
-}
-_CIFAR_DDPMPP = {
-    "training": {"sde": "vpsde"},
-    "data": {"image_size": 32, "centered": True},
-    "model": {
-        "ch_mult": (1, 2, 2, 2),
-        "num_res_blocks": 4,
-        "progressive": "none",
-        "progressive_input": "none",
-        "fir": False,
-        "embedding_type": "positional",
-        "scale_by_sigma": False,
-    },
-}
-
 
 def _merge(*parts: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -116,23 +105,110 @@ def _merge(*parts: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _ve(sigma_max: float) -> dict[str, Any]:
-    return {"training": {"sde": "vesde"}, "model": {"sigma_max": sigma_max}}
+def _sde(sde: str, continuous: bool = True, **model: Any) -> dict[str, Any]:
+    return {"training": {"sde": sde, "continuous": continuous}, "model": model}
 
 
-#: The released score_sde continuous-time configs (``configs/<sde>/<name>.py``), in config-file layout.
-PRESETS: dict[str, dict[str, Any]] = {
-    "ve/celebahq_256_ncsnpp_continuous": _merge(_HIGHRES, _ve(348.0)),
-    "ve/ffhq_256_ncsnpp_continuous": _merge(_HIGHRES, _ve(348.0)),
-    "ve/church_ncsnpp_continuous": _merge(_HIGHRES, _ve(380.0)),
-    "ve/bedroom_ncsnpp_continuous": _merge(_HIGHRES, _ve(378.0)),
-    "ve/celebahq_ncsnpp_continuous": _merge(_MEGA, _ve(1348.0)),
-    "ve/ffhq_ncsnpp_continuous": _merge(_MEGA, _ve(1348.0)),
-    "ve/cifar10_ncsnpp_continuous": _merge(_CIFAR_NCSNPP, _ve(50.0)),
-    "ve/cifar10_ncsnpp_deep_continuous": _merge(_CIFAR_NCSNPP, _ve(50.0), {"model": {"num_res_blocks": 8}}),
-    "vp/cifar10_ddpmpp_continuous": _CIFAR_DDPMPP,
-    "vp/cifar10_ddpmpp_deep_continuous": _merge(_CIFAR_DDPMPP, {"model": {"num_res_blocks": 8}}),
+# score_sde's configs/default_{cifar10,lsun,celeba}_configs.py (the fields that matter here)
+_CIFAR10 = {
+    "data": {"image_size": 32, "centered": False},
+    "model": {"sigma_max": 50.0, "num_scales": 1000, "embedding_type": "fourier"},
 }
+_LSUN = {"data": {"image_size": 256}, "model": {"sigma_max": 378.0, "num_scales": 2000}}
+_CELEBA = {"data": {"image_size": 64}, "model": {"sigma_max": 90.0, "num_scales": 1000}}
+# the model sections of configs/<sde>/*.py
+_NCSNPP_HIGHRES = {"model": {"nf": 128, "ch_mult": (1, 1, 2, 2, 2, 2, 2), "num_res_blocks": 2, "scale_by_sigma": True}}
+_NCSNPP_1024 = {
+    "data": {"image_size": 1024},
+    "model": {
+        "nf": 16,
+        "ch_mult": (1, 2, 4, 8, 16, 32, 32, 32),
+        "num_res_blocks": 1,
+        "sigma_max": 1348.0,
+        "num_scales": 2000,
+        "scale_by_sigma": True,
+    },
+}
+_NCSNPP = {
+    "model": {"ch_mult": (1, 2, 2, 2), "num_res_blocks": 4, "progressive": "none", "progressive_input": "residual"}
+}
+_DDPMPP = {
+    "model": {
+        "ch_mult": (1, 2, 2, 2),
+        "num_res_blocks": 4,
+        "progressive": "none",
+        "progressive_input": "none",
+        "fir": False,
+    }
+}
+_DDPM = {"model": {"name": "ddpm", "ch_mult": (1, 2, 2, 2), "num_res_blocks": 2}}
+_DDPM_256 = {"model": {"name": "ddpm", "ch_mult": (1, 1, 2, 2, 4, 4), "num_res_blocks": 2, "num_scales": 1000}}
+_POSITIONAL = {"model": {"embedding_type": "positional"}}
+_DEEP = {"model": {"num_res_blocks": 8}}
+# VP / sub-VP: data in [-1, 1], the network's output is not divided by sigma
+_VP = {"data": {"centered": True}, "model": {"scale_by_sigma": False}}
+_VE = {"model": {"scale_by_sigma": True}}
+
+#: Every config of score_sde_pytorch's ``configs/{ve,vp,subvp}`` (``configs/<sde>/<name>.py``) in
+#: config-file layout: NCSN++, NCSN++ deep, DDPM++, DDPM++ deep and the DDPM baselines, continuous and
+#: discrete; each equals that config's ``to_dict()`` read by :func:`config_from_dict`. (NCSN / NCSNv2
+#: configs use other architectures and are not here.)
+PRESETS: dict[str, dict[str, Any]] = {
+    "ve/cifar10_ncsnpp": _merge(_CIFAR10, _NCSNPP, _VE, _POSITIONAL, _sde("vesde", False)),
+    "ve/cifar10_ncsnpp_continuous": _merge(_CIFAR10, _NCSNPP, _VE, _sde("vesde")),
+    "ve/cifar10_ncsnpp_deep_continuous": _merge(_CIFAR10, _NCSNPP, _VE, _DEEP, _sde("vesde")),
+    "ve/cifar10_ddpm": _merge(_CIFAR10, _DDPM, _VE, _sde("vesde", False)),
+    "ve/celeba_ncsnpp": _merge(_CELEBA, _NCSNPP, _VE, _POSITIONAL, _sde("vesde", False)),
+    "ve/bedroom_ncsnpp_continuous": _merge(_LSUN, _NCSNPP_HIGHRES, _sde("vesde")),
+    "ve/church_ncsnpp_continuous": _merge(_LSUN, _NCSNPP_HIGHRES, _sde("vesde", sigma_max=380.0)),
+    "ve/celebahq_256_ncsnpp_continuous": _merge(_LSUN, _NCSNPP_HIGHRES, _sde("vesde", sigma_max=348.0)),
+    "ve/ffhq_256_ncsnpp_continuous": _merge(_LSUN, _NCSNPP_HIGHRES, _sde("vesde", sigma_max=348.0)),
+    "ve/celebahq_ncsnpp_continuous": _merge(_NCSNPP_1024, _sde("vesde")),
+    "ve/ffhq_ncsnpp_continuous": _merge(_NCSNPP_1024, _sde("vesde")),
+    "vp/cifar10_ddpmpp": _merge(_CIFAR10, _DDPMPP, _VP, _POSITIONAL, _sde("vpsde", False)),
+    "vp/cifar10_ddpmpp_continuous": _merge(_CIFAR10, _DDPMPP, _VP, _POSITIONAL, _sde("vpsde")),
+    "vp/cifar10_ddpmpp_deep_continuous": _merge(_CIFAR10, _DDPMPP, _VP, _POSITIONAL, _DEEP, _sde("vpsde")),
+    "vp/cifar10_ncsnpp": _merge(_CIFAR10, _NCSNPP, _VP, _POSITIONAL, _sde("vpsde", False)),
+    "vp/cifar10_ncsnpp_continuous": _merge(_CIFAR10, _NCSNPP, _VP, _POSITIONAL, _sde("vpsde")),
+    "vp/cifar10_ncsnpp_deep_continuous": _merge(_CIFAR10, _NCSNPP, _VP, _POSITIONAL, _DEEP, _sde("vpsde")),
+    "vp/ddpm/cifar10": _merge(_CIFAR10, _DDPM, _VP, _sde("vpsde", False)),
+    "vp/ddpm/cifar10_continuous": _merge(_CIFAR10, _DDPM, _VP, _sde("vpsde")),
+    "vp/ddpm/bedroom": _merge(_LSUN, _DDPM_256, _VP, _sde("vpsde", False)),
+    "vp/ddpm/church": _merge(_LSUN, _DDPM_256, _VP, _sde("vpsde", False)),
+    "vp/ddpm/celebahq": _merge(_LSUN, _DDPM_256, _VP, _sde("vpsde", False)),
+    "subvp/cifar10_ddpm_continuous": _merge(_CIFAR10, _DDPM, _VP, _sde("subvpsde")),
+    "subvp/cifar10_ddpmpp_continuous": _merge(_CIFAR10, _DDPMPP, _VP, _POSITIONAL, _sde("subvpsde")),
+    "subvp/cifar10_ddpmpp_deep_continuous": _merge(_CIFAR10, _DDPMPP, _VP, _POSITIONAL, _DEEP, _sde("subvpsde")),
+    "subvp/cifar10_ncsnpp_continuous": _merge(_CIFAR10, _NCSNPP, _VP, _POSITIONAL, _sde("subvpsde")),
+    "subvp/cifar10_ncsnpp_deep_continuous": _merge(_CIFAR10, _NCSNPP, _VP, _POSITIONAL, _DEEP, _sde("subvpsde")),
+}
+
+#: The released checkpoints' folder names (score_sde's README) that differ from their config's path.
+ALIASES = {
+    "vp/cifar10_ddpm": "vp/ddpm/cifar10",
+    "vp/cifar10_ddpm_continuous": "vp/ddpm/cifar10_continuous",
+    "ve/ffhq_1024_ncsnpp_continuous": "ve/ffhq_ncsnpp_continuous",
+}
+
+#: The checkpoints score_sde_pytorch's README publishes (Google Drive folders), by folder name.
+RELEASED = (
+    "ve/cifar10_ncsnpp",
+    "ve/cifar10_ncsnpp_continuous",
+    "ve/cifar10_ncsnpp_deep_continuous",
+    "vp/cifar10_ddpm",
+    "vp/cifar10_ddpm_continuous",
+    "vp/cifar10_ddpmpp",
+    "vp/cifar10_ddpmpp_continuous",
+    "vp/cifar10_ddpmpp_deep_continuous",
+    "subvp/cifar10_ddpm_continuous",
+    "subvp/cifar10_ddpmpp_continuous",
+    "subvp/cifar10_ddpmpp_deep_continuous",
+    "ve/bedroom_ncsnpp_continuous",
+    "ve/church_ncsnpp_continuous",
+    "ve/ffhq_1024_ncsnpp_continuous",
+    "ve/ffhq_256_ncsnpp_continuous",
+    "ve/celebahq_256_ncsnpp_continuous",
+)
 
 
 def preset_names() -> list[str]:
@@ -140,22 +216,25 @@ def preset_names() -> list[str]:
 
 
 def _preset(name: str) -> dict[str, Any]:
-    key = name.strip().removesuffix(".py")
+    key = name.strip().removesuffix(".py").removeprefix("configs/")
+    key = ALIASES.get(key, key)
     if key in PRESETS:
         return copy.deepcopy(PRESETS[key])
-    matches = [p for p in PRESETS if p.split("/", 1)[1] == key]
+    matches = sorted({ALIASES.get(p, p) for p in [*PRESETS, *ALIASES] if p.rsplit("/", 1)[-1] == key})
     if len(matches) == 1:
         return copy.deepcopy(PRESETS[matches[0]])
+    if matches:
+        raise UsageError(f"score_sde config {name!r} is ambiguous", f"name one of {', '.join(matches)}")
     raise UsageError(
         f"score_sde config {name!r} is neither a file nor a preset",
         f"name a JSON/YAML config file or one of {', '.join(preset_names())}",
     )
 
 
-_INTS = ("image_size", "num_res_blocks", "num_channels", "nf")
+_INTS = ("image_size", "num_res_blocks", "num_channels", "nf", "num_scales")
 _FLOATS = ("sigma_min", "sigma_max", "beta_min", "beta_max")
-_BOOLS = ("continuous", "centered", "fir", "conditional", "skip_rescale", "scale_by_sigma")
-_OPTIONAL = ("sigma_max", "scale_by_sigma")
+_BOOLS = ("continuous", "centered", "fir", "conditional", "skip_rescale", "scale_by_sigma", "resamp_with_conv")
+_OPTIONAL = ("sigma_max", "scale_by_sigma", "num_scales")
 
 
 def _value(name: str, v: Any, source: str) -> Any:

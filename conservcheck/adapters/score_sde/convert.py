@@ -1,6 +1,9 @@
-"""NCSN++ as a diffusers ``UNet2DModel`` with Skip blocks, and score_sde's parameter names mapped onto it.
+"""A score_sde NCSN++ as a diffusers ``UNet2DModel`` with Skip blocks (the architecture of google/ncsnpp-*).
 
-:func:`key_map` walks the NCSN++ module list in the order ``NCSNpp.__init__`` builds it. Every
+:func:`to_unet2d` exports a loaded network (:mod:`conservcheck.networks.ncsnpp`, same state-dict layout
+as score_sde's checkpoints) to diffusers, e.g. to run ``ScoreSdeVePipeline`` with an original
+checkpoint; the adapter itself evaluates the native network. :func:`key_map` walks the NCSN++ module list
+in the order ``NCSNpp.__init__`` builds it. Every
 ``GroupNorm`` gets NCSN++'s group count min(C/4, 32) after construction: diffusers fixes the Skip blocks'
 attention norms at 32 groups and computes the attention up-blocks' resnet groups with an
 operator-precedence slip, which only agree with NCSN++ for ≥ 128 channels (all released configs). The
@@ -24,7 +27,8 @@ from conservcheck.errors import ModelLoadError
 
 
 def check_convertible(cfg: SDEConfig) -> None:
-    """Raise :class:`ModelLoadError` unless ``cfg`` describes an NCSN++ that ``UNet2DModel`` reproduces exactly."""
+    """Raise :class:`ModelLoadError` unless ``cfg`` describes a continuous VE NCSN++ that ``UNet2DModel``
+    reproduces exactly (``UNet2DModel`` with a Fourier embedding divides its output by the fed σ)."""
     wanted = {
         "name": "ncsnpp",
         "resblock_type": "biggan",
@@ -39,21 +43,19 @@ def check_convertible(cfg: SDEConfig) -> None:
         "normalization": "GroupNorm",
         "attention_type": "ddpm",
         "num_channels": 3,
-        "continuous": True,
     }
     for key, value in wanted.items():
         got = getattr(cfg, key)
         if (got.lower() if isinstance(got, str) else got) != (value.lower() if isinstance(value, str) else value):
             raise ModelLoadError(
                 f"score_sde model with {key}={got!r} has no diffusers UNet2DModel equivalent (needs {value!r})",
-                "convertible: the NCSN++ configs with output_skip/input_skip (CelebA-HQ, FFHQ, LSUN); wrap others "
-                "with a 'module:factory' reference around score_sde's own model",
+                "convertible: the NCSN++ configs with output_skip/input_skip (CelebA-HQ, FFHQ, LSUN); the score_sde "
+                "adapter evaluates every config natively",
             )
-    if cfg.sde not in ("vesde", "vpsde"):
+    if not (cfg.ve and cfg.continuous and cfg.scaled_by_sigma):
         raise ModelLoadError(
-            f"score_sde sde {cfg.sde!r} is not supported",
-            "subVP marginals are not the OU process's (std = 1 - exp(-int beta)); wrap it with a "
-            "'module:factory' reference",
+            f"a {cfg.sde} model (continuous: {cfg.continuous}) has no diffusers UNet2DModel equivalent",
+            "convertible: continuous VE NCSN++ with scale_by_sigma (the CelebA-HQ, FFHQ and LSUN configs)",
         )
     if cfg.ch_mult[0] != 1:
         raise ModelLoadError(
@@ -64,12 +66,9 @@ def check_convertible(cfg: SDEConfig) -> None:
             f"image_size {cfg.image_size} is not divisible by 2^{len(cfg.ch_mult) - 1}",
             "check data.image_size and model.ch_mult",
         )
-    if cfg.embedding_type not in ("fourier", "positional"):
-        raise ModelLoadError(f"unknown embedding_type {cfg.embedding_type!r}", "use fourier or positional")
-    if cfg.embedding_type == "positional" and (cfg.ve or cfg.scaled_by_sigma):
+    if cfg.embedding_type != "fourier":
         raise ModelLoadError(
-            "a positional time embedding with VE or scale_by_sigma indexes a discrete sigma table",
-            "only continuously trained models are supported: VE with embedding_type fourier",
+            f"embedding_type {cfg.embedding_type!r} has no UNet2DModel equivalent for a VE model", "needs 'fourier'"
         )
     if cfg.ve and not cfg.sigma_max:
         raise ModelLoadError(
@@ -195,7 +194,6 @@ class KeyPair:
     original: str
     diffusers: str
     transpose: bool = False
-    trainable: bool = True
 
 
 def key_map(cfg: SDEConfig, diffusers_keys: Iterable[str]) -> list[KeyPair]:
@@ -211,7 +209,7 @@ def key_map(cfg: SDEConfig, diffusers_keys: Iterable[str]) -> list[KeyPair]:
         for orig, diff, transpose in _params(kind):
             d = f"{prefix}.{diff}"
             if d in keys:
-                pairs.append(KeyPair(f"all_modules.{index}.{orig}", d, transpose, kind != "fourier"))
+                pairs.append(KeyPair(f"all_modules.{index}.{orig}", d, transpose))
     uncovered = sorted(keys - {p.diffusers for p in pairs})
     if uncovered:
         raise ModelLoadError(
@@ -233,3 +231,16 @@ def to_diffusers(state: Mapping[str, Tensor], pairs: list[KeyPair]) -> dict[str,
             "check the config's ch_mult, num_res_blocks, attn_resolutions and image_size",
         )
     return {p.diffusers: (state[p.original].t() if p.transpose else state[p.original]) for p in pairs}
+
+
+def to_unet2d(cfg: SDEConfig, state: Mapping[str, Tensor]) -> torch.nn.Module:
+    """A ``UNet2DModel`` holding an NCSN++ state dict in score_sde's layout (``all_modules.{i}.*``, no
+    ``module.``; e.g. the ``state_dict()`` of a network the adapter loaded).
+
+    Fed σ, its output is the score, as the native network's. The group counts are set on the modules
+    (see :func:`build_unet`): do not ``save_pretrained`` and reload it.
+    """
+    check_convertible(cfg)
+    unet = build_unet(cfg)
+    unet.load_state_dict(to_diffusers(state, key_map(cfg, unet.state_dict().keys())))
+    return unet.eval()

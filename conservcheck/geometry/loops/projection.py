@@ -103,7 +103,7 @@ class ProjectionLoop:
     def edge_points(self, lam: Tensor) -> Tensor:
         """y on every edge at λ [M] ∈ [0, 1]: [B, K, M, *shape]."""
         w, _ = self._segment(lam)
-        y = self.center.flatten(1)[:, None, None] + self.radius * w / w.norm(dim=-1, keepdim=True)
+        y: Tensor = self.center.flatten(1)[:, None, None] + self.radius * w / w.norm(dim=-1, keepdim=True)
         return y.reshape(*w.shape[:3], *self.center.shape[1:])
 
     def edge_tangents(self, lam: Tensor) -> Tensor:
@@ -111,7 +111,7 @@ class ProjectionLoop:
         w, e = self._segment(lam)
         norm = w.norm(dim=-1, keepdim=True)
         w_hat = w / norm
-        t = self.radius * (e - w_hat * (w_hat * e).sum(-1, keepdim=True)) / norm
+        t: Tensor = self.radius * (e - w_hat * (w_hat * e).sum(-1, keepdim=True)) / norm
         return t.reshape(*w.shape[:3], *self.center.shape[1:])
 
     def _edge_of(self, u: Tensor) -> tuple[Tensor, Tensor]:

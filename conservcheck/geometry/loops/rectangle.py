@@ -34,6 +34,11 @@ from conservcheck.timepoints import TimePoint
 CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
 
 
+def planes(dim: int, seed: int, time_key: str, index: list[int]) -> Tensor:
+    """The coordinate plane (i, j) of each loop, [B, 2]: the loop runs along e_i first, then along e_j."""
+    return torch.stack([rng.permutation(dim, seed, "rectangle", time_key, i)[:2] for i in index])
+
+
 def rectangle_loops(
     x0: Tensor,
     time: TimePoint,
@@ -54,12 +59,12 @@ def rectangle_loops(
     if dim < 2:
         raise UsageError("rectangle loops need at least 2 components", "use a sample shape with D ≥ 2")
     x_t = (time.alpha * x0 + time.sigma * forward_noise(x0, time, seed, idx)).flatten(1)
-    planes = torch.stack([rng.permutation(dim, seed, "rectangle", time.key, i)[:2] for i in idx]).to(x0.device)
+    ij = planes(dim, seed, time.key, idx).to(x0.device)
     half = 0.5 * float(rect_side) * time.sigma
     offsets = torch.zeros(len(idx), len(CORNERS), dim, dtype=torch.float64, device=x0.device)
     for c, (si, sj) in enumerate(CORNERS):
-        offsets[:, c].scatter_(1, planes[:, :1], si * half)
-        offsets[:, c].scatter_(1, planes[:, 1:], sj * half)
+        offsets[:, c].scatter_(1, ij[:, :1], si * half)
+        offsets[:, c].scatter_(1, ij[:, 1:], sj * half)
     corners = x_t[:, None] + offsets
     edges = torch.roll(corners, -1, dims=1) - corners
 
