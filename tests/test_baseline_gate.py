@@ -207,7 +207,7 @@ def test_same_checkpoint_other_seed_passes(funnel_reports):
     )
     assert r.exit_code == 0, r.output
     assert "gate ok: rotation.abs_circulation_ratio worse by 20%" in r.stdout
-    assert "against the baseline — loop.rotation.abs_circulation_ratio" in r.stdout
+    assert "loop.rotation.abs_circulation_ratio: median against the baseline's" in r.stdout
 
 
 def test_same_checkpoint_other_seed_is_refused_without_the_flag(funnel_reports):

@@ -47,6 +47,7 @@ from conservcheck.errors import (
     reason,
 )
 from conservcheck.files import check_distinct, check_writable
+from conservcheck.report.views import fmt
 from conservcheck.runner.options import audit_options
 from conservcheck.version import __version__
 
@@ -739,7 +740,7 @@ def compare_cmd(
         for _, r in rows.iterrows():
             label = f"k={r['time_index']}" if not _isna(r["time_index"]) else f"t={r['t']:.4g}"
             label += "" if _isna(r["guidance"]) else f", w={r['guidance']:g}"
-            table.add_row(label, display.fmt(r["median_a"]), display.fmt(r["median_b"]), display.fmt(r["ratio"]))
+            table.add_row(label, fmt(r["median_a"]), fmt(r["median_b"]), fmt(r["ratio"]))
         console.print(table)
     display.line(console, f"A {a}: verdict {ra.verdict}")
     display.line(console, f"B {b}: verdict {rb.verdict}")
@@ -865,7 +866,7 @@ def transport_cmd(
     table.add_column("value", justify="right")
     for k, v in data.items():
         if isinstance(v, (int, float, str, bool)) or v is None:
-            table.add_row(str(k), display.fmt(v))
+            table.add_row(str(k), fmt(v))
     console.print(table)
 
 

@@ -1,9 +1,10 @@
-"""What a report shows a reader, as plain tables of strings: the Markdown summary and the HTML page use them.
+"""What a report shows a reader, as plain tables of strings: the console, the Markdown summary and the HTML
+page render them.
 
 * :func:`provenance` — the model and how it was audited (reference, weights, units, settings, versions);
 * :func:`diagnostic_tables` — one table per diagnostic variant, rows the time points, columns the
   statistics of its table metrics and, for a headline metric, the verdict's floor and check (the console
-  tables' content, every column);
+  renders the same tables, with the columns its width allows);
 * :func:`headline_table` — the headline medians, one row per variant and one column per time point;
 * :func:`comparison_tables` — the ratios of medians against a baseline, one table per metric.
 """
@@ -11,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ class TextTable:
     columns: list[str]
     rows: list[list[str]]
     flags: list[list[bool]]
+    #: "left" or "right" per column (all right-aligned when None).
+    align: list[str] | None = None
 
 
 def fmt(v: Any) -> str:
@@ -87,10 +90,48 @@ def provenance(report: AuditReport) -> list[tuple[str, str]]:
     return [(k, v) for k, v in out if v]
 
 
-def diagnostic_tables(report: AuditReport) -> list[TextTable]:
-    """One table per (diagnostic, variant): rows are time points (module doc)."""
+#: How a table names a check's status.
+CHECK_TEXT = {"unresolved": "not resolved at this node count"}
+#: How a table names a Jacobian method.
+METHOD_TEXT = {"jvp": "forward-mode autodiff", "double_vjp": "reverse-mode autodiff", "fd": "finite differences"}
+#: Below this many characters of width a diagnostic table leaves out the mean and its confidence interval …
+WIDE = 140
+#: … and below this many also the variant's second metric.
+MEDIUM = 100
+
+
+def guidance_value(value: Any) -> float | None:
+    """A guidance scale as a float; None for none (NaN in a summary table)."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def diagnostic_tables(report: AuditReport, width: int | None = None) -> list[TextTable]:
+    """One table per (diagnostic, variant), the console's, the Markdown summary's and the HTML page's.
+
+    Rows are time points — for a conditional model each time point at each guidance scale, with a ``w``
+    column — and columns the statistics of the variant's main metric (its table metrics come from the
+    diagnostic registry, :meth:`conservcheck.diagnostics.Diagnostic.table_metrics`): ``median`` (``per-sample
+    median`` beside ``pooled`` for a metric pooled over samples), ``q25 – q75``, ``mean`` and ``95% CI of
+    mean``, ``n``, the second metric's median, and for the verdict's headline metric ``floor``, ``median /
+    floor`` and ``check`` (a check only its own discretisation floor keeps from being a violation reads
+    ``not resolved at this node count``). A table whose values came from a Jacobian names the method in
+    its title (the floor is measured on the control by the same method).
+
+    Args:
+        report: the audit report.
+        width: characters available (a terminal's width); below :data:`WIDE` the mean and its interval are
+            left out, below :data:`MEDIUM` also the second metric, and ``median / floor`` only shows when
+            the width is unlimited (None, the documents' tables).
+    Returns:
+        the tables; a row's ``median`` and ``check`` cells are flagged when its check is a violation or
+        invalid.
+    """
     summary = report.summary()
-    checks = {(c["diagnostic"], c["variant"], c["time_key"]): c for c in report.verdict.checks}
+    checks = {
+        (c["diagnostic"], c["variant"], c["time_key"], guidance_value(c.get("guidance"))): c
+        for c in report.verdict.checks
+    }
+    guided = bool(summary["guidance"].notna().any())
     out: list[TextTable] = []
     for diag, variant in summary[["diagnostic", "variant"]].drop_duplicates().itertuples(index=False):
         spec = diagnostics.registered().get(diag)
@@ -100,44 +141,69 @@ def diagnostic_tables(report: AuditReport) -> list[TextTable]:
             main = next(iter(rows["metric"].dropna()), None)
         if main is None:
             continue
+        extra = extra if width is None or width >= MEDIUM else None
         graded = spec is not None and spec.headline_metric(variant) == main
-        columns = ["time", "σ", "median", "q25 – q75", "mean", "95% CI of mean", "n"]
+        pooled = spec is not None and main in spec.pooled
+
+        def extra_median(r: Any, metric: str) -> str:
+            same_w = rows["guidance"].map(lambda g: guidance_value(g) == guidance_value(r["guidance"])).astype(bool)
+            e = rows[(rows["metric"] == metric) & (rows["time_key"] == r["time_key"]) & same_w]["median"]
+            return fmt(float(e.iloc[0])) if len(e) else "—"
+
+        columns: list[tuple[str, Callable[[Any, dict[str, Any]], str]]] = [
+            ("time", lambda r, c: report.time_label(r["time_key"]))
+        ]
+        if guided:
+            columns.append(("w", lambda r, c: fmt(guidance_value(r["guidance"]))))
+        columns += [
+            ("σ", lambda r, c: fmt(float(r["sigma"]))),
+            ("per-sample median" if pooled else "median", lambda r, c: fmt(r["median"])),
+        ]
+        if pooled:
+            columns.append(("pooled", lambda r, c: fmt(r.get("pooled"))))
+        columns.append(("q25 – q75", lambda r, c: f"{fmt(r['q25'])} – {fmt(r['q75'])}"))
+        if width is None or width >= WIDE:
+            columns += [
+                ("mean", lambda r, c: fmt(r["mean"])),
+                ("95% CI of mean", lambda r, c: f"{fmt(r['ci_low'])} – {fmt(r['ci_high'])}"),
+            ]
+        columns.append(("n", lambda r, c: fmt(r["n"] if r["status"] == "ok" else None)))
         if extra:
-            columns.append(f"{extra} median")
+            columns.append((f"{extra} median", lambda r, c, m=extra: extra_median(r, m)))
         if graded:
-            columns += ["floor", "median / floor", "check"]
+            columns.append(("floor", lambda r, c: fmt(c.get("floor"))))
+            if width is None:
+                columns.append(("median / floor", lambda r, c: fmt(c.get("ratio"))))
+            columns.append(("check", lambda r, c: CHECK_TEXT.get(c.get("status", ""), c.get("status", r["status"]))))
+        methods = sorted({c["method"] for k, c in checks.items() if k[:2] == (diag, variant) and c.get("method")})
+        title = f"{diag} · {variant} — {main}"
+        if methods:
+            names = ", ".join(METHOD_TEXT.get(m, m) for m in methods)
+            title += f" (Jacobian by {names}; floor measured on the control by the same method)"
+        names = [name for name, _ in columns]
         body: list[list[str]] = []
         flags: list[list[bool]] = []
         for _, r in rows[rows["metric"] == main].iterrows():
-            c = checks.get((diag, variant, r["time_key"]), {})
-            cells = [
-                report.time_label(r["time_key"]),
-                fmt(float(r["sigma"])),
-                fmt(r["median"]),
-                f"{fmt(r['q25'])} – {fmt(r['q75'])}",
-                fmt(r["mean"]),
-                f"{fmt(r['ci_low'])} – {fmt(r['ci_high'])}",
-                fmt(r["n"] if r["status"] == "ok" else None),
-            ]
-            if extra:
-                e = rows[(rows["metric"] == extra) & (rows["time_key"] == r["time_key"])]["median"]
-                cells.append(fmt(float(e.iloc[0])) if len(e) else "—")
-            if graded:
-                cells += [fmt(c.get("floor")), fmt(c.get("ratio")), str(c.get("status", r["status"]))]
+            c = checks.get((diag, variant, r["time_key"], guidance_value(r["guidance"])), {})
+            body.append([cell(r, c) for _, cell in columns])
             bad = graded and c.get("status") in ("violation", "invalid")
-            body.append(cells)
-            flags.append([bad and name in ("median", "check") for name in columns])
-        out.append(TextTable(f"{diag} · {variant} — {main}", columns, body, flags))
+            flags.append([bad and name in ("median", "per-sample median", "check") for name in names])
+        align = ["left" if name == "check" else "right" for name in names]
+        out.append(TextTable(title, names, body, flags, align))
     return out
 
 
 def headline_table(report: AuditReport) -> TextTable:
-    """The verdict's checks: one row per (diagnostic, variant, headline metric), one column per time point;
-    each cell the model's median, flagged when the check is a violation (or invalid)."""
+    """The verdict's checks: one row per (diagnostic, variant, headline metric) — and guidance scale w, for a
+    conditional model — one column per time point; each cell the model's median, flagged when the check is
+    a violation (or invalid)."""
     keys = [t["key"] for t in report.header.get("time_points", [])]
+    guided = len({guidance_value(c.get("guidance")) for c in report.verdict.checks}) > 1
     series: dict[str, dict[str, dict[str, Any]]] = {}
     for c in report.verdict.checks:
-        series.setdefault(f"{c['diagnostic']}.{c['variant']} {c['metric']}", {})[c["time_key"]] = c
+        w = guidance_value(c.get("guidance"))
+        name = f"{c['diagnostic']}.{c['variant']} {c['metric']}" + (f" w={w:g}" if guided and w is not None else "")
+        series.setdefault(name, {})[c["time_key"]] = c
     rows, flags = [], []
     for name, by_time in series.items():
         rows.append([name] + [fmt(by_time.get(k, {}).get("median")) for k in keys])
@@ -171,4 +237,14 @@ def comparison_tables(report: AuditReport, comparisons: Sequence[Comparison]) ->
     return out
 
 
-__all__ = ["TextTable", "comparison_tables", "diagnostic_tables", "fmt", "headline_table", "provenance"]
+__all__ = [
+    "CHECK_TEXT",
+    "METHOD_TEXT",
+    "TextTable",
+    "comparison_tables",
+    "diagnostic_tables",
+    "fmt",
+    "guidance_value",
+    "headline_table",
+    "provenance",
+]
