@@ -48,7 +48,6 @@ from torch import Tensor
 
 from conservcheck import diagnostics
 from conservcheck.batching import DEFAULT_CPU_BATCH, Batcher
-from conservcheck.diagnostics.loop_integral import CPU_POINTS
 from conservcheck.errors import UsageError
 from conservcheck.probe import VectorFieldProbe
 from conservcheck.report.baseline import measurement_options
@@ -115,7 +114,8 @@ class ConservativityMetric(Metric):
             (floats) or :class:`~conservcheck.timepoints.TimePoint` objects; default: the audit's default
             time points for the model (k = 10, 100, 250, 500, 750, 990 for a 1000-step DDPM).
         seed: the seed of every random draw; the same seed gives the same loops and probe vectors.
-        n_points: nodes per loop (the audit's CPU default; the paper uses 1000).
+        n_points: nodes per loop, the same on every device so that values logged anywhere compare (the
+            paper uses 1000).
         options: the audit's other measurement options, as :func:`conservcheck.audit` takes them:
             ``block`` (curl sub-Jacobian size), ``n_probes`` (Hutchinson probe vectors), and the loop types'
             ``bridge_u``, ``n_vertices``, ``rect_side``.
@@ -138,7 +138,7 @@ class ConservativityMetric(Metric):
         time_points: TimeSpec = None,
         seed: int = 0,
         *,
-        n_points: int = CPU_POINTS,
+        n_points: int = 128,
         options: Mapping[str, Any] | None = None,
         declaration: Mapping[str, Any] | None = None,
         batch_size: int = DEFAULT_CPU_BATCH,
