@@ -7,6 +7,8 @@ all of them at once with :func:`audit`, which returns an :class:`AuditReport`. E
 reachable through its module; names starting with an underscore are private.
 """
 
+from typing import Any
+
 from conservcheck.batching import Batcher
 from conservcheck.diagnostics.curl import curl_hutchinson, curl_subjacobian
 from conservcheck.diagnostics.loop_integral import loop_diagnostic
@@ -35,7 +37,7 @@ from conservcheck.timepoints import TimePoint, forward_samples, time_points
 from conservcheck.version import __version__
 
 
-def report_schema() -> dict:
+def report_schema() -> dict[str, Any]:
     """The JSON schema of a report written by this installation (its registered options included)."""
     return _report_schema(audit_options())
 

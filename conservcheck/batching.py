@@ -140,11 +140,12 @@ class Batcher:
 def evaluate(
     probe: VectorFieldProbe,
     x: Tensor,
-    t: Tensor,
+    t: Tensor | float,
     batch_size: int | str = "auto",
     batcher: Batcher | None = None,
 ) -> Tensor:
-    """s(x_m, t_m) for every row m, in batches (x: [M, *shape] on any device, t: [M] canonical times).
+    """s(x_m, t_m) for every row m, in batches (x: [M, *shape] on any device, t: [M] canonical times or
+    one time for every row).
 
     Runs under ``torch.no_grad``; returns a tensor on the probe's device in the probe's dtype.
     """

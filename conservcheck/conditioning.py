@@ -127,6 +127,7 @@ def class_conditioning(
         raise UsageError(
             "a class-conditional model needs a class label", f"pass --class-label N (0 ≤ N < {num_classes}) or random"
         )
+    shown: str | list[int]
     if isinstance(labels, str):
         if labels.strip().lower() != "random":
             raise UsageError(f"class label {labels!r} is not a number or random", "pass --class-label N or random")

@@ -425,7 +425,7 @@ class SigmaLevels(TimeConvention):
     def from_canonical(self, t: Tensor) -> Tensor:
         return torch.log(_t(t).to(torch.float64) / self.sigma_min) / self._log_ratio() * (self._n - 1)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "num_steps": self._n,

@@ -32,6 +32,7 @@ from conservcheck.diagnostics.loop_integral import loop_diagnostic
 from conservcheck.diagnostics.stein import stein_diagnostic
 from conservcheck.geometry.loops import rectangle
 from conservcheck.geometry.loops.rotation import RotationLoop
+from conservcheck.probe import VectorFieldProbe
 from conservcheck.process import OUProcess
 from conservcheck.timepoints import TimePoint
 
@@ -78,28 +79,28 @@ def _checks_for(dtype: torch.dtype, device: torch.device) -> list[Check]:
     label = str(dtype).removeprefix("torch.")
     out: list[Check] = []
 
-    def probe(field: Callable[[Tensor, Tensor], Tensor]):
+    def probe(field: Callable[[Tensor, Tensor], Tensor]) -> VectorFieldProbe:
         return as_probe(field, (D,), ou, dtype=dtype, device=device)
 
-    def loops(field, path: str, **kw) -> dict[str, Tensor]:
-        return loop_diagnostic(probe(field), x0, time, seed=3, batcher=batcher, path=path, **kw).values
+    def loops(field: Callable[[Tensor, Tensor], Tensor], path: str, n_points: int) -> dict[str, Tensor]:
+        return loop_diagnostic(probe(field), x0, time, seed=3, batcher=batcher, path=path, n_points=n_points).values
 
-    for path, field, kw in (
-        ("rotation", mixture, {"n_points": 256}),
-        ("projection", mixture, {"n_points": 1024}),
-        ("brownian", quadratic, {"n_points": 256}),
-        ("rectangle", mixture, {"n_points": 64}),
+    for path, field, n_points in (
+        ("rotation", mixture, 256),
+        ("projection", mixture, 1024),
+        ("brownian", quadratic, 256),
+        ("rectangle", mixture, 64),
     ):
-        ratio = float(loops(field, path, **kw)["circulation_ratio"].abs().max())
+        ratio = float(loops(field, path, n_points)["circulation_ratio"].abs().max())
         out.append(Check(f"loop.{path}: |∮s·dy|/∮|s||dy| of a conservative field", label, ratio, FLOOR[dtype]))
 
-    rot = loops(linear, "rotation", n_points=16)
+    rot = loops(linear, "rotation", 16)
     loop = RotationLoop.from_samples(x0, time, 3)
     exact = 2 * math.pi * torch.einsum("bi,ij,bj->b", loop.b, linear.K, loop.a)
     err = float(((rot["circulation"] - exact).abs() / rot["abs_score_length"]).max())
     out.append(Check("loop.rotation: linear field vs 2π bᵀKa", label, err, FLOOR[dtype]))
 
-    rect = loops(linear, "rectangle", n_points=16)
+    rect = loops(linear, "rectangle", 16)
     ij = rectangle.planes(D, 3, time.key, list(range(len(x0))))
     exact = time.sigma**2 * (linear.A[ij[:, 1], ij[:, 0]] - linear.A[ij[:, 0], ij[:, 1]])
     err = float(((rect["circulation"] - exact).abs() / rect["abs_score_length"]).max())
@@ -135,9 +136,9 @@ def _checks_for(dtype: torch.dtype, device: torch.device) -> list[Check]:
     out.append(Check("curl.subjacobian: linear field, ‖2K_SS‖/‖2S_SS‖", label, err, CURL_FLOOR[dtype] * 10))
 
     many = torch.randn(200, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    hut = curl_hutchinson(probe(linear), many, time, seed=5, batcher=batcher, n_probes=16, strategy="jvp").values
+    hut = curl_hutchinson(probe(linear), many, time, seed=5, batcher=batcher, n_probes=16, strategy="jvp")
     rel = float(linear.K.norm() / linear.A.norm())
-    covered = float(((hut["rel_asym_ci_low"] <= rel) & (rel <= hut["rel_asym_ci_high"])).double().mean())
+    covered = float(((hut.values["rel_asym_ci_low"] <= rel) & (rel <= hut.values["rel_asym_ci_high"])).double().mean())
     # Nominal 95% jackknife-t intervals; 0.88 is ≈ 3.5 binomial sd below the coverage measured in tests.
     out.append(Check("curl.hutchinson: 95% CI covers ‖K‖/‖A‖ (fraction)", label, covered, 0.88, True))
 

@@ -18,12 +18,13 @@ import contextlib
 import gc
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from conservcheck.adapters._diffusers import _quiet_diffusers, load_component, read_json
-from conservcheck.adapters.latent import AUTOENCODERS, LatentProbe
+from conservcheck.adapters._diffusers import AUTOENCODERS, _quiet_diffusers, load_component, read_json
+from conservcheck.adapters.latent import LatentProbe
 from conservcheck.adapters.weights import WeightsFiles, check_safetensors, find_weights
 from conservcheck.errors import ModelLoadError, reason
 
@@ -43,13 +44,19 @@ def require_transformers(what: str) -> Any:
     return transformers
 
 
+def _transformers_logging() -> ModuleType | None:
+    """``transformers.utils.logging``, or None without transformers."""
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return None
+    return logging
+
+
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
     """diffusers' and transformers' loggers and progress bars silenced while loading."""
-    try:
-        from transformers.utils import logging as tlog
-    except ImportError:
-        tlog = None
+    tlog = _transformers_logging()
     level = tlog.get_verbosity() if tlog is not None else None
     if tlog is not None:
         tlog.set_verbosity_error()
@@ -162,13 +169,16 @@ class LazyLatentProbe(LatentProbe):
     """A :class:`~conservcheck.adapters.latent.LatentProbe` whose autoencoder is read only when images are
     encoded or latents decoded, and freed by :meth:`release`; ``image_shape`` comes from its config."""
 
-    def __init__(self, fn: Any, *, load_autoencoder: Callable[[], torch.nn.Module], ae_config: dict, **kwargs: Any):
+    def __init__(
+        self, fn: Any, *, load_autoencoder: Callable[[], torch.nn.Module], ae_config: dict[str, Any], **kwargs: Any
+    ):
         self._load_autoencoder = load_autoencoder
         self._ae_config = ae_config
         self._autoencoder: torch.nn.Module | None = None
+        # None goes through the setter below: the autoencoder is read on first use
         super().__init__(fn, autoencoder=None, **kwargs)  # type: ignore[arg-type]
 
-    @property  # type: ignore[override]
+    @property
     def autoencoder(self) -> torch.nn.Module:
         if self._autoencoder is None:
             self._autoencoder = self._load_autoencoder()
@@ -194,7 +204,7 @@ class LazyLatentProbe(LatentProbe):
 
 def autoencoder(
     root: pathlib.Path, *, device: Any, dtype: torch.dtype, trust_remote_code: bool, variant: str | None
-) -> tuple[dict, Callable[[], torch.nn.Module]]:
+) -> tuple[dict[str, Any], Callable[[], torch.nn.Module]]:
     """The pipeline's ``vae/`` config (read now) and a loader of the AutoencoderKL itself (called lazily)."""
     from conservcheck.adapters._diffusers import prepare
 

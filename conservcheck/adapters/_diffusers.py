@@ -41,7 +41,7 @@ def read_json(path: pathlib.Path) -> dict[str, Any] | None:
 
 def is_flow_matching(config: dict[str, Any] | None) -> bool:
     # flow-matching schedulers belong to the ``flow`` family
-    return bool(config) and str(config.get("_class_name", "")).startswith("FlowMatch")
+    return config is not None and str(config.get("_class_name", "")).startswith("FlowMatch")
 
 
 #: The pipeline components the adapters read: the denoising network and the autoencoders.
@@ -283,7 +283,7 @@ def legacy_scheduler_keys(config: dict[str, Any], source: str) -> tuple[dict[str
 # Loading and hygiene
 
 
-def _contiguous_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+def _contiguous_inputs(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
 
 
@@ -307,7 +307,8 @@ def prepare(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
                 mod.upcast_attention = False
         elif isinstance(mod, torch.nn.GroupNorm) and not getattr(mod, "_conservcheck_contiguous", False):
             mod.register_forward_pre_hook(_contiguous_inputs)
-            mod._conservcheck_contiguous = True
+            # torch types assignments to a Module's attributes as Tensor | Module; a plain flag is fine
+            mod._conservcheck_contiguous = True  # type: ignore[assignment]
     return model
 
 
@@ -400,7 +401,7 @@ def load_component(
 
 def _load_trusted(cls: Any, folder: pathlib.Path, weights: WeightsFiles, dtype: torch.dtype) -> torch.nn.Module:
     """``torch.load(weights_only=False)`` of every weights file into a model built from the config."""
-    model = cls.from_config(cls.load_config(str(folder)))
+    model: torch.nn.Module = cls.from_config(cls.load_config(str(folder)))
     state: dict[str, Tensor] = {}
     for f in weights.files:
         try:
@@ -432,7 +433,7 @@ class UNetField(torch.nn.Module):
         self.eval()
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        out = self.unet(x, t, return_dict=False)[0]
+        out: Tensor = self.unet(x, t, return_dict=False)[0]
         return out if self.channels is None else out[:, : self.channels]
 
 
@@ -458,6 +459,12 @@ def check_unconditional(unet_dir: pathlib.Path) -> None:
             f"{unet_dir} holds a class-conditional UNet2DModel",
             "fix a class label in a wrapper and load it with a 'module:factory' reference",
         )
+
+
+def model_config(model: torch.nn.Module) -> Any:
+    """A diffusers model's ``config``, the FrozenDict of its constructor arguments read by attribute (torch
+    types an unknown attribute of a ``Module`` as ``Tensor | Module``)."""
+    return model.config
 
 
 def sample_shape(config: Any) -> tuple[int, int, int]:
@@ -494,7 +501,7 @@ class LoadedUNet:
     @property
     def data_range(self) -> tuple[float, float]:
         """[0, 1] for NCSN++-style UNets that centre their input inside, else [−1, 1]."""
-        return (0.0, 1.0) if self.unet.config.center_input_sample else (-1.0, 1.0)
+        return (0.0, 1.0) if model_config(self.unet).center_input_sample else (-1.0, 1.0)
 
     def provenance(self) -> dict[str, Any]:
         """The ``ProbeInfo.extra`` entries every diffusers-folder adapter records."""

@@ -132,10 +132,12 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ModelLoadError(f"{spec} is a {type(obj).__name__}, not a callable factory", _RECIPE)
-    return obj
+    factory: Callable[..., Any] = obj
+    return factory
 
 
 def _call(factory: Callable[..., Any], spec: str, device: Any, dtype: torch.dtype, condition: dict[str, Any]) -> Any:
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -219,7 +221,7 @@ def from_declaration(
         sample_shape=tuple(declaration["sample_shape"]),
         parameterization=param,
         time_convention=time,
-        data_range=data_range,  # type: ignore[arg-type]
+        data_range=data_range,
         device=device,
         dtype=dtype,
         precision=declaration.get("precision"),

@@ -40,6 +40,7 @@ from conservcheck.adapters._diffusers import (
     is_flow_matching,
     layout,
     load_unet,
+    model_config,
     read_json,
     read_scheduler_config,
     sample_shape,
@@ -126,8 +127,9 @@ def load(
         sigmas = training_sigma_max(path, float(units.extra["sigma_max"]))
         units.extra.update(sigmas, native_range=[units.extra["native_range"][0], sigmas["sigma_max"]])
     unet, data_range = loaded.unet, loaded.data_range
-    shape = sample_shape(unet.config)
-    channels = shape[0] if units.learned_variance and unet.config.out_channels == 2 * shape[0] else None
+    unet_config = model_config(unet)
+    shape = sample_shape(unet_config)
+    channels = shape[0] if units.learned_variance and unet_config.out_channels == 2 * shape[0] else None
     info = ProbeInfo(
         name=path.name,
         adapter=NAME,

@@ -25,7 +25,14 @@ import torch
 from torch import Tensor
 
 from conservcheck.adapters._conditional import LazyLatentProbe, autoencoder
-from conservcheck.adapters._diffusers import check_options, load_component, prepare, read_json, scheduler_units
+from conservcheck.adapters._diffusers import (
+    check_options,
+    load_component,
+    model_config,
+    prepare,
+    read_json,
+    scheduler_units,
+)
 from conservcheck.adapters.weights import hash_files
 from conservcheck.conditioning import ConditionalField, class_conditioning
 from conservcheck.errors import ModelLoadError
@@ -61,7 +68,7 @@ class LabelledTransformer(torch.nn.Module):
         self.channels = channels
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor) -> Tensor:
-        out = self.transformer(x, timestep=t, class_labels=class_labels, return_dict=False)[0]
+        out: Tensor = self.transformer(x, timestep=t, class_labels=class_labels, return_dict=False)[0]
         return out if self.channels is None else out[:, : self.channels]
 
 
@@ -111,8 +118,9 @@ def load(
     ae_config, load_ae = autoencoder(
         path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
     )
-    c, size = int(model.config.in_channels), int(model.config.sample_size)
-    out = int(model.config.out_channels or c)
+    config = model_config(model)
+    c, size = int(config.in_channels), int(config.sample_size)
+    out = int(config.out_channels or c)
     channels = c if out == 2 * c else None
     digest, per_file = hash_files(weights.files, path)
     field = ConditionalField(

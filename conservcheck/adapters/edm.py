@@ -190,7 +190,7 @@ def preconditioning(name: str, **params: Any) -> Preconditioning:
         ) from None
 
 
-def _accepts(fn: Callable, name: str) -> bool:
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
     target = fn.forward if isinstance(fn, torch.nn.Module) else fn
     try:
         params = inspect.signature(target).parameters
@@ -262,7 +262,7 @@ def wrap(
                 "pass precond='edm', 'vp', 've' or 'iddpm'",
             )
         fn: torch.nn.Module = DenoiserCall(net)
-        scheme = "denoiser D(x; sigma) as given"
+        scheme: str | dict[str, Any] = "denoiser D(x; sigma) as given"
     else:
         p = precond if isinstance(precond, Preconditioning) else preconditioning(precond, **precond_params)
         fn = Denoiser(net, p, sample_shape[0])
@@ -315,6 +315,12 @@ EDM_REPO_HINT = (
     "put NVlabs/edm's repository on PYTHONPATH (e.g. PYTHONPATH=/path/to/edm): the pickle carries its networks' "
     "source but imports torch_utils and dnnlib from there"
 )
+
+
+def _hyperparameter(net: torch.nn.Module, name: str) -> Any:
+    """A plain attribute in which an NVlabs network keeps a hyperparameter (``img_resolution``, ``sigma_data``,
+    ...): torch types a Module's unknown attributes as Tensor | Module."""
+    return getattr(net, name)
 
 
 def _unpickle(file: pathlib.Path) -> Any:
@@ -381,8 +387,8 @@ def load(
     if label_dim == 0 and options.get("class_label") is not None:
         raise UsageError(f"{file.name} holds an unconditional network: it takes no --class-label", "drop --class-label")
     net = obj.eval().requires_grad_(False).to(device)
-    res = int(net.img_resolution)
-    shape = (int(net.img_channels), res, res)
+    res = int(_hyperparameter(net, "img_resolution"))
+    shape = (int(_hyperparameter(net, "img_channels")), res, res)
     digest, per_file = hash_files([file], file.parent)
     info = ProbeInfo(
         name=file.name,
@@ -392,7 +398,7 @@ def load(
         trust_remote_code=True,
         extra={
             "preconditioning": type(net).__name__,
-            "sigma_data": float(net.sigma_data) if hasattr(net, "sigma_data") else None,
+            "sigma_data": float(_hyperparameter(net, "sigma_data")) if hasattr(net, "sigma_data") else None,
             "native_range": [float(getattr(net, "sigma_min", 0.0)), float(getattr(net, "sigma_max", math.inf))],
             "internal_dtype": "float32 (EDM's preconditioners cast their inputs)",
             "weights_files": per_file,

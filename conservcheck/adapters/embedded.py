@@ -63,7 +63,8 @@ def _name(name: str | pathlib.Path) -> str:
 def asset_folder(name: str) -> pathlib.Path:
     """The folder holding an embedded model's files (``conservcheck/assets/<folder>``)."""
     key = _name(name)
-    folder = importlib.resources.files("conservcheck").joinpath("assets", MODELS[key])
+    # one name per joinpath: a zipfile.Path (a zipped install) takes several only from Python 3.11
+    folder = importlib.resources.files("conservcheck").joinpath("assets").joinpath(MODELS[key])
     if not isinstance(folder, pathlib.Path) or not folder.is_dir():
         raise ModelLoadError(
             f"the files of the embedded model {key!r} are missing ({folder})",
@@ -88,7 +89,8 @@ def reference_field(name: str) -> Any:
 
 def _funnel_config(folder: pathlib.Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / "config.json").read_text())
+        config: dict[str, Any] = json.loads((folder / "config.json").read_text())
+        return config
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read {folder / 'config.json'} ({err})", "reinstall conservcheck") from err
 

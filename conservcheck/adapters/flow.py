@@ -35,6 +35,7 @@ from conservcheck.adapters._diffusers import (
     is_flow_matching,
     layout,
     load_unet,
+    model_config,
     read_json,
     read_scheduler_config,
     sample_shape,
@@ -194,7 +195,7 @@ def load(
     )
     return wrap(
         UNetField(loaded.unet),
-        sample_shape=sample_shape(loaded.unet.config),
+        sample_shape=sample_shape(model_config(loaded.unet)),
         time_scale=scale,
         data_range=loaded.data_range,
         device=device,

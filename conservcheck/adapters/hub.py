@@ -244,7 +244,12 @@ def format_size(n: int | None) -> str:
 def _quiet_hub() -> Iterator[None]:
     """huggingface_hub's retry warnings off, and its progress bars too unless stderr is a terminal: a
     failure is explained in one line by :func:`explain`, and logs of batch jobs stay readable."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    # The documented import path: huggingface_hub re-exports these lazily, unmarked as exports for type checkers.
+    from huggingface_hub.utils import (  # type: ignore[attr-defined]
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     hub_log = logging.getLogger("huggingface_hub")
     level, bars_off = hub_log.level, are_progress_bars_disabled()

@@ -32,6 +32,7 @@ from conservcheck.adapters._diffusers import (
     check_unconditional,
     layout,
     load_component,
+    model_config,
     prepare,
     read_json,
     read_scheduler_config,
@@ -103,7 +104,7 @@ class LatentProbe(VectorFieldProbe):
     def image_shape(self) -> tuple[int, int, int]:
         """[C, H, W] of the images ``encode`` takes: each of the autoencoder's down blocks but the last
         halves the resolution (diffusers' Encoder), so H = h · 2^(blocks − 1) for latents [c, h, w]."""
-        cfg = self.autoencoder.config
+        cfg = model_config(self.autoencoder)
         factor = 2 ** (len(cfg.block_out_channels) - 1)
         _, h, w = self.sample_shape
         return int(cfg.in_channels), h * factor, w * factor
@@ -121,7 +122,9 @@ class LatentProbe(VectorFieldProbe):
 
         def one(x: Tensor) -> Tensor:
             x = x.to(device=self.device, dtype=self.dtype)
-            z = ae.encode(x).latents if self.kind == "vq" else ae.encode(x).latent_dist.mode()
+            # torch types a Module's attributes as Tensor | Module, not as diffusers' encode method
+            encoded = ae.encode(x)  # type: ignore[operator]
+            z: Tensor = encoded.latents if self.kind == "vq" else encoded.latent_dist.mode()
             return (z - shift) * self.scaling_factor
 
         return self._chunks(images, batch_size, one)
@@ -132,7 +135,9 @@ class LatentProbe(VectorFieldProbe):
 
         def one(z: Tensor) -> Tensor:
             z = z.to(device=self.device, dtype=self.dtype) / self.scaling_factor + shift
-            return self.autoencoder.decode(z).sample
+            # torch types a Module's attributes as Tensor | Module, not as diffusers' decode method
+            images: Tensor = self.autoencoder.decode(z).sample  # type: ignore[operator]
+            return images
 
         return self._chunks(latents, batch_size, one)
 
@@ -184,10 +189,11 @@ def load(
     )
     unet = prepare(unet.to(device), dtype)
     ae = prepare(ae.to(device), dtype)
-    shape = sample_shape(unet.config)
-    channels = shape[0] if units.learned_variance and unet.config.out_channels == 2 * shape[0] else None
-    scaling, scaling_source = latent_scaling(ae_config, ae_cls_name, ae.config.scaling_factor)
-    shift = getattr(ae.config, "shift_factor", None)
+    unet_config = model_config(unet)
+    shape = sample_shape(unet_config)
+    channels = shape[0] if units.learned_variance and unet_config.out_channels == 2 * shape[0] else None
+    scaling, scaling_source = latent_scaling(ae_config, ae_cls_name, model_config(ae).scaling_factor)
+    shift = getattr(model_config(ae), "shift_factor", None)
     digest, per_file = hash_files(unet_w.files + ae_w.files, path)
     info = ProbeInfo(
         name=path.name,

@@ -39,7 +39,7 @@ from conservcheck.adapters._conditional import (
     quiet_libraries,
     require_transformers,
 )
-from conservcheck.adapters._diffusers import check_options, load_component, read_json
+from conservcheck.adapters._diffusers import check_options, load_component, model_config, read_json
 from conservcheck.adapters.flow import AffineTime, scheduler_time_scale
 from conservcheck.adapters.weights import hash_files
 from conservcheck.conditioning import ConditionalField, text_conditioning
@@ -72,13 +72,14 @@ class JointTransformer(torch.nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor) -> Tensor:
         with math_attention():
-            return self.transformer(
+            velocity: Tensor = self.transformer(
                 hidden_states=x,
                 timestep=t,
                 encoder_hidden_states=encoder_hidden_states,
                 pooled_projections=pooled_projections,
                 return_dict=False,
             )[0]
+        return velocity
 
 
 def encode_prompts(
@@ -109,7 +110,11 @@ def encode_prompts(
         )
         parts[f"tokenizer{suffix}"], tok_files = load_tokenizer(path, f"tokenizer{suffix}")
         files += enc_files + tok_files
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=None, vae=None, **parts)
+    # mypy resolves diffusers' top-level pipeline names to the untyped placeholders it defines for a missing
+    # torch or transformers; the object is the real pipeline
+    pipe: Any = StableDiffusion3Pipeline(  # type: ignore[no-untyped-call]
+        transformer=transformer, scheduler=None, vae=None, **parts
+    )
     distinct = list(dict.fromkeys(prompts))
     with torch.no_grad(), quiet_libraries():
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
@@ -189,7 +194,8 @@ def load(
         variant=variant,
         max_sequence_length=int(options.get("max_sequence_length") or MAX_SEQUENCE_LENGTH),
     )
-    c, size = int(model.config.in_channels), int(model.config.sample_size)
+    config = model_config(model)
+    c, size = int(config.in_channels), int(config.sample_size)
     digest, per_file = hash_files(list(weights.files) + text_files, path)
     field = ConditionalField(JointTransformer(model), conditions, null, conditioning)
     info = ProbeInfo(

@@ -38,7 +38,14 @@ from conservcheck.adapters._conditional import (
     quiet_libraries,
     require_transformers,
 )
-from conservcheck.adapters._diffusers import check_options, load_component, prepare, read_json, scheduler_units
+from conservcheck.adapters._diffusers import (
+    check_options,
+    load_component,
+    model_config,
+    prepare,
+    read_json,
+    scheduler_units,
+)
 from conservcheck.adapters.weights import hash_files
 from conservcheck.conditioning import ConditionalField, text_conditioning
 from conservcheck.errors import ModelLoadError, UsageError
@@ -68,7 +75,7 @@ class CrossAttentionUNet(torch.nn.Module):
         self.channels = channels
 
     def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor) -> Tensor:
-        out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        out: Tensor = self.unet(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         return out if self.channels is None else out[:, : self.channels]
 
 
@@ -104,7 +111,9 @@ def encode_prompts(
     encoder, enc_files = load_text_encoder(path, "text_encoder", device=device, dtype=dtype, variant=variant)
     tokenizer, tok_files = load_tokenizer(path, "tokenizer")
     distinct = list(dict.fromkeys(prompts))
-    pipe = StableDiffusionPipeline(
+    # mypy resolves diffusers' top-level pipeline names to the untyped placeholders it defines for a missing
+    # torch or transformers; the object is the real pipeline
+    pipe: Any = StableDiffusionPipeline(  # type: ignore[no-untyped-call]
         vae=None,
         text_encoder=encoder,
         tokenizer=tokenizer,
@@ -176,10 +185,11 @@ def load(
         path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
     )
     embeddings, null, text_files = encode_prompts(path, prompts, negative, device=device, dtype=dtype, variant=variant)
-    c = int(unet.config.in_channels)
-    size = unet.config.sample_size
+    config = model_config(unet)
+    c = int(config.in_channels)
+    size = config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    channels = c if int(unet.config.out_channels) == 2 * c else None
+    channels = c if int(config.out_channels) == 2 * c else None
     digest, per_file = hash_files(list(unet_w.files) + text_files, path)
     field = ConditionalField(
         CrossAttentionUNet(unet, channels),

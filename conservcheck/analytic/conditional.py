@@ -39,6 +39,8 @@ class ConditionalGaussianMixture(torch.nn.Module):
         curl: λ of the rotation λ K x added to every conditional (not the null-class) score.
     """
 
+    rotation: Tensor
+
     def __init__(
         self,
         means: Tensor,

@@ -187,7 +187,8 @@ def gradient_field(potential: Callable[[Tensor, Tensor], Tensor]) -> Callable[[T
     """
 
     def field(x: Tensor, t: Tensor) -> Tensor:
-        return torch.func.grad(lambda y: potential(y, t).sum())(x)
+        grad: Tensor = torch.func.grad(lambda y: potential(y, t).sum())(x)
+        return grad
 
     return field
 

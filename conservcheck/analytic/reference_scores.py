@@ -320,7 +320,7 @@ class CallableReference(Reference):
             raise UsageError(f"reference must be callable, got {type(fn).__name__}", "pass fn(x, t) -> score")
         super().__init__(process, sample_shape)
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "callable")
+        self.name = name or str(getattr(fn, "__name__", "callable"))
         self.kind = re.sub(r"[^A-Za-z0-9_]", "", self.name) or "callable"
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
@@ -452,6 +452,7 @@ def resolve_reference(spec: Any, probe: Any) -> Reference:
         raise UsageError(f"unknown reference {spec!r}", f"use {SPEC_FORMS}")
     kind, _, rest = spec.strip().partition(":")
     kind = kind.lower()
+    field: GaussianMixture | Funnel
     if kind == "funnel":
         opts = _options(rest, ("scale",), spec)
         if probe.dim < 2:

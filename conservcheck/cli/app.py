@@ -24,10 +24,10 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 from rich import box
@@ -110,10 +110,11 @@ class _Group(TyperGroup):
 
     def main(
         self,
-        args: Any = None,
-        prog_name: Any = None,
-        complete_var: Any = None,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
         standalone_mode: bool = True,
+        windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
         try:
@@ -123,6 +124,7 @@ class _Group(TyperGroup):
                     prog_name=prog_name or "conservcheck",
                     complete_var=complete_var,
                     standalone_mode=False,
+                    windows_expand_args=windows_expand_args,
                     **extra,
                 )
         except _click_errors() as err:
@@ -851,8 +853,7 @@ def transport_cmd(
         "lower --samples",
     )
     ref = resolve_reference(reference, probe)
-    kw = {k: v for k, v in (("t_start", t_start), ("t_end", t_end)) if v is not None}
-    result = transport_check(probe, ref, n_samples=samples, seed=seed, n_steps=steps, **kw)
+    result = transport_check(probe, ref, n_samples=samples, seed=seed, t_start=t_start, t_end=t_end, n_steps=steps)
     data = {"model": probe.describe(), **result.to_dict()}
     text = json.dumps(data, indent=1, default=str, allow_nan=False) + "\n" if json_path else ""
     if json_path == "-":
@@ -899,7 +900,7 @@ class _ClosedPipeSafe:
     pipe the stream's file descriptor is pointed at the null device, and the command goes on (files
     written, gates applied, its own exit code) with nothing more shown."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self._stream = stream
 
     def _silence(self) -> None:

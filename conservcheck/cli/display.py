@@ -78,7 +78,7 @@ def condition_line(cond: dict[str, Any]) -> str:
         if cond.get("negative_prompt"):
             what += f", negative prompt {cond['negative_prompt']!r}"
     else:
-        labels = cond.get("class_labels")
+        labels = cond["class_labels"]
         what = (
             "random class labels"
             if labels == "random"

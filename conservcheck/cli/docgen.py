@@ -63,10 +63,12 @@ def _section(command: Any, ctx: Any, path: str) -> list[str]:
 def render() -> str:
     """The whole reference as Markdown: the root command, then each subcommand in registration order."""
     import typer.main
+    from typer.core import TyperGroup
 
     from conservcheck.cli.app import app
 
     root = typer.main.get_command(app)
+    assert isinstance(root, TyperGroup), "an app with subcommands is a group"
     ctx = root.make_context("conservcheck", ["--help"], resilient_parsing=True)
     names = root.list_commands(ctx)
     lines = [

@@ -117,7 +117,7 @@ def stein_diagnostic(
     t_all = torch.full((b,), time.t, dtype=torch.float64, device=probe.device)
     index = torch.tensor(sample_index(start, b), device=probe.device)
 
-    def error_field(x: Tensor, t: Tensor) -> Tensor:
+    def error_field(x: Tensor, t: Tensor | float) -> Tensor:
         return ref.score(x.to(torch.float64), t).to(x.dtype) - probe.score(x, t)
 
     div_field = probe.score if mode == "exact" else error_field
@@ -148,6 +148,7 @@ def stein_diagnostic(
                 with torch.no_grad():
                     div_ref = ref.divergence(xr, t).to(torch.float64)
             else:
+                assert ref_strategy is not None, "chosen above for an exact divergence the reference lacks"
                 div_ref = divergence_exact(ref.score, xr, t, ref_strategy)
             div_e, se = div_ref - div_theta, torch.zeros_like(err)
         else:

@@ -191,7 +191,8 @@ def transport_check(
     if ref.has_sampler:
         fresh = _start_points(ref, probe, ts[-1], n, seed, stream="floor").cpu()
         floor = sliced_wasserstein(x_ref, fresh, int(n_projections), seed)
-    ll_model = ll_ref = (None, None)
+    ll_model: tuple[float | None, float | None] = (None, None)
+    ll_ref: tuple[float | None, float | None] = (None, None)
     if ref.has_log_prob:
         t_end_b = torch.full((n,), t_end, dtype=torch.float64, device=probe.device)
         ll_model, ll_ref = (

@@ -39,7 +39,7 @@ Needs the ``metrics`` extra: ``pip install "conservcheck[metrics]"`` (torchmetri
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -78,7 +78,8 @@ def _output(out: Any) -> Tensor:
     if isinstance(out, Tensor):
         return out
     if hasattr(out, "sample"):
-        return out.sample
+        sample: Tensor = out.sample
+        return sample
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     raise UsageError(f"the network returned a {type(out).__name__}, not a tensor", "return the prediction tensor")
@@ -171,11 +172,12 @@ class ConservativityMetric(Metric):
         items = list(spec)
         if not items:
             raise UsageError("time_points is empty", "pass time indices, canonical times, or None for the defaults")
-        for kind, ok in (
+        kinds: tuple[tuple[str, Callable[[Any], bool]], ...] = (
             ("points", lambda v: isinstance(v, TimePoint)),
             ("indices", lambda v: isinstance(v, int) and not isinstance(v, bool)),
             ("times", lambda v: isinstance(v, float)),
-        ):
+        )
+        for kind, ok in kinds:
             if all(ok(v) for v in items):
                 return kind, items
         raise UsageError(
@@ -233,7 +235,7 @@ class ConservativityMetric(Metric):
 
     # ------------------------------------------------------------------------------------------ updates
 
-    def update(self, model_or_probe: Any, x0: Tensor, start: int | None = None) -> None:  # type: ignore[override]
+    def update(self, model_or_probe: Any, x0: Tensor, start: int | None = None) -> None:
         """Run the diagnostics on ``x0`` [B, *sample_shape] (clean samples in the model's data coordinates)
         at every time point and keep each sample's values; sample b has random-stream index ``start + b``
         (default: the module doc's running index)."""

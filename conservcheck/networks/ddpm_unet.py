@@ -114,7 +114,7 @@ class DDPMUNet(nn.Module):
             if level != 0:
                 h = next(layer)(h)
         norm, conv = next(layer), next(layer)
-        h = conv(self.act(norm(h)))
+        out: Tensor = conv(self.act(norm(h)))
         if self.scale_by_sigma:
-            h = h / self.sigmas[labels.long()].to(h.dtype).reshape(-1, *([1] * (h.ndim - 1)))
-        return h
+            out = out / self.sigmas[labels.long()].to(out.dtype).reshape(-1, *([1] * (out.ndim - 1)))
+        return out

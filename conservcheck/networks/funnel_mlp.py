@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,11 +35,11 @@ class FunnelNetConfig:
     embed: int = 64
     sigma_data: list[float] = field(default_factory=lambda: [3.0] + [math.exp(9.0 / 4.0)] * 9)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> FunnelNetConfig:
+    def from_dict(cls, data: dict[str, Any]) -> FunnelNetConfig:
         return cls(**{k: data[k] for k in ("dim", "hidden", "blocks", "embed", "sigma_data") if k in data})
 
 
@@ -54,11 +55,15 @@ class _Block(nn.Module):
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
         z = self.inner(nn.functional.silu(self.norm(h))) + self.time(emb)
-        return h + self.outer(nn.functional.silu(z))
+        update: Tensor = self.outer(nn.functional.silu(z))
+        return h + update
 
 
 class FunnelNet(nn.Module):
     """ε̂(y, t) for y [B, dim] and canonical OU time t [B] (or 0-d), output [B, dim]."""
+
+    sigma_data: Tensor
+    freqs: Tensor
 
     def __init__(self, config: FunnelNetConfig | None = None) -> None:
         super().__init__()
@@ -88,8 +93,9 @@ class FunnelNet(nn.Module):
         h = self.inp(y_ve * torch.rsqrt(var))
         for block in self.blocks:
             h = block(h, emb)
+        f: Tensor = self.out(nn.functional.silu(self.norm(h)))
         # (ỹ − c_skip ỹ − c_out F)/σ̃ written without the cancellation of ỹ − c_skip ỹ at small σ̃
-        return s * y_ve / var - sd * torch.rsqrt(var) * self.out(nn.functional.silu(self.norm(h)))
+        return s * y_ve / var - sd * torch.rsqrt(var) * f
 
 
 __all__ = ["FunnelNet", "FunnelNetConfig"]

@@ -268,11 +268,12 @@ class NCSNpp(nn.Module):
                 up = next(layer)
                 h = up(h, temb) if self.biggan else up(h)
         if self.progressive == "output_skip":
-            h = out
+            assert out is not None, "every level of output_skip adds a head"
+            result: Tensor = out
         else:
             norm, conv = next(layer), next(layer)
-            h = conv(self.act(norm(h)))
+            result = conv(self.act(norm(h)))
         if self.scale_by_sigma:
             sigma = time_cond if self.fourier else self.sigmas[time_cond.long()]
-            h = h / sigma.to(h.dtype).reshape(-1, *([1] * (h.ndim - 1)))
-        return h
+            result = result / sigma.to(result.dtype).reshape(-1, *([1] * (result.ndim - 1)))
+        return result

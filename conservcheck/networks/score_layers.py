@@ -116,7 +116,7 @@ class Attention(nn.Module):
         normed = self.GroupNorm_0(x)
         q, k, v = (m(normed).reshape(b, c, h * w) for m in (self.NIN_0, self.NIN_1, self.NIN_2))
         weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) * c**-0.5, dim=-1)  # [B, query, key]
-        out = self.NIN_3(torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, h, w))
+        out: Tensor = self.NIN_3(torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, h, w))
         return (x + out) / math.sqrt(2.0) if self.skip_rescale else x + out
 
 
@@ -138,7 +138,12 @@ class Downsample(nn.Module):
     otherwise TensorFlow's 'SAME' padding: one extra row and column at the end)."""
 
     def __init__(
-        self, in_ch: int, out_ch: int | None = None, with_conv: bool = False, fir_: bool = False, taps=(1, 3, 3, 1)
+        self,
+        in_ch: int,
+        out_ch: int | None = None,
+        with_conv: bool = False,
+        fir_: bool = False,
+        taps: Sequence[float] = (1, 3, 3, 1),
     ) -> None:
         super().__init__()
         out_ch = out_ch or in_ch
@@ -150,7 +155,8 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.with_conv:
-            return self.Conv2d_0(x) if self.fir else self.Conv_0(F.pad(x, (0, 1, 0, 1)))
+            out: Tensor = self.Conv2d_0(x) if self.fir else self.Conv_0(F.pad(x, (0, 1, 0, 1)))
+            return out
         return fir.downsample_2d(x, self.taps) if self.fir else F.avg_pool2d(x, 2)
 
 
@@ -158,7 +164,9 @@ class Upsample(nn.Module):
     """Double the resolution: FIR filter, or nearest neighbour followed by an optional 3×3 convolution
     (the two that score_sde's code can run)."""
 
-    def __init__(self, ch: int, with_conv: bool = False, fir_: bool = False, taps=(1, 3, 3, 1)) -> None:
+    def __init__(
+        self, ch: int, with_conv: bool = False, fir_: bool = False, taps: Sequence[float] = (1, 3, 3, 1)
+    ) -> None:
         super().__init__()
         if with_conv and fir_:
             raise ValueError("FIR up-convolution is not supported")
@@ -211,11 +219,11 @@ class ResnetDDPM(nn.Module):
         self.act, self.skip_rescale = act, skip_rescale
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.Conv_0(self.act(self.GroupNorm_0(x)))
+        h: Tensor = self.Conv_0(self.act(self.GroupNorm_0(x)))
         if temb is not None:
             h = h + self.Dense_0(self.act(temb))[:, :, None, None]
         h = self.Conv_1(self.act(self.GroupNorm_1(h)))
-        skip = self.NIN_0(x) if hasattr(self, "NIN_0") else x
+        skip: Tensor = self.NIN_0(x) if hasattr(self, "NIN_0") else x
         return (skip + h) / math.sqrt(2.0) if self.skip_rescale else skip + h
 
 
@@ -257,9 +265,9 @@ class ResnetBigGAN(nn.Module):
         return x
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.Conv_0(self._resample(self.act(self.GroupNorm_0(x))))
+        h: Tensor = self.Conv_0(self._resample(self.act(self.GroupNorm_0(x))))
         if temb is not None:
             h = h + self.Dense_0(self.act(temb))[:, :, None, None]
         h = self.Conv_1(self.act(self.GroupNorm_1(h)))
-        skip = self.Conv_2(self._resample(x)) if hasattr(self, "Conv_2") else x
+        skip: Tensor = self.Conv_2(self._resample(x)) if hasattr(self, "Conv_2") else x
         return (skip + h) / math.sqrt(2.0) if self.skip_rescale else skip + h

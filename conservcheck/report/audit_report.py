@@ -31,7 +31,7 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import pandas as pd
 
@@ -258,7 +258,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 def _malformed(data: dict[str, Any]) -> str | None:
     """What in a report's JSON this version cannot read, or None (the fields the tool uses, their types)."""
 
-    def objects(value: Any, keys: Iterable[str]) -> bool:
+    def objects(value: Any, keys: Iterable[str]) -> TypeGuard[list[dict[str, Any]]]:
         return isinstance(value, list) and all(isinstance(v, dict) and all(k in v for k in keys) for v in value)
 
     verdict = data.get("verdict")

@@ -172,7 +172,8 @@ def _values(report: AuditReport, diagnostic: str, variant: str, column: str, tim
         & (rows["time_key"] == time_key)
     ]
     # Sample order, so that resampling jointly pairs sample i of one report with sample i of the other.
-    return sel.sort_values("sample", kind="stable")[column].to_numpy(dtype=np.float64)
+    values: np.ndarray = sel.sort_values("sample", kind="stable")[column].to_numpy(dtype=np.float64)
+    return values
 
 
 def _unit_status(report: AuditReport, diagnostic: str, variant: str, time_key: str) -> str | None:

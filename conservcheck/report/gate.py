@@ -338,7 +338,9 @@ def _series(cond: Regression, report: AuditReport) -> list[tuple[str, str]]:
     return found
 
 
-def _at(comparisons: list[baselines.Comparison], at: tuple[str, float], report: AuditReport) -> list:
+def _at(
+    comparisons: list[baselines.Comparison], at: tuple[str, float], report: AuditReport
+) -> list[baselines.Comparison]:
     axis, v = at
     if axis == "k":
         out = [c for c in comparisons if c.time_index is not None and c.time_index == int(v)]
@@ -386,7 +388,8 @@ def _holds(
     cond: Atom, report: AuditReport, baseline: AuditReport | None = None, text: str = ""
 ) -> tuple[bool, list[str]]:
     if isinstance(cond, VerdictCondition):
-        ok = OPS[cond.op](report.verdict.status, cond.status)
+        same = report.verdict.status == cond.status
+        ok = same if cond.op == "==" else not same  # parse admits only == and != after verdict
         return ok, [f"verdict is {report.verdict.status}"] if ok else []
     if isinstance(cond, Regression):
         return _regressed(cond, report, baseline, text)

@@ -83,7 +83,7 @@ def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, 
         line = ax.plot(x, med, marker="o", ms=4, label=label)[0]
         color = line.get_color()
         low, high = rows["q25"].astype(float).to_numpy(), rows["q75"].astype(float).to_numpy()
-        if log:
+        if bottom is not None:
             low = np.maximum(low, bottom)
         ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
         guidance = None if pd.isna(w) else float(w)
@@ -96,9 +96,9 @@ def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, 
             cx = ctrl[xcol].astype(float).to_numpy()
             cy = ctrl["median"].astype(float).to_numpy()
             ax.plot(cx, cy, ls="--", lw=1.2, marker="x", ms=5, color=color, label=f"{variant}: conservative control")
-            if log and (cy <= 0).any():
+            if bottom is not None and (cy <= 0).any():
                 ax.plot(cx[cy <= 0], np.full(int((cy <= 0).sum()), bottom), ls="none", marker="v", ms=6, color=color)
-    if log:
+    if bottom is not None:
         ax.set_yscale("log")
         ax.set_ylim(bottom=bottom / 1.5)
     if xlog:

@@ -24,7 +24,8 @@ SCHEMA_VERSION = "1.4"
 @lru_cache(maxsize=1)
 def _fixed() -> dict[str, Any]:
     text = resources.files("conservcheck").joinpath("schema/report.schema.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 def report_schema(options: Iterable[Option]) -> dict[str, Any]:

@@ -118,7 +118,7 @@ def summarize(units: list[dict[str, Any]], seed: int) -> pd.DataFrame:
     ``nonfinite``, ``error``, ``skipped``) get rows with empty statistics: no number is computed from NaNs.
     ``pooled`` is empty for metrics without a pooled form.
     """
-    known: dict[tuple[str, str], list[str]] = {}
+    known: dict[tuple[str, str], list[str | None]] = {}
     for u in units:
         if u.get("values"):
             known.setdefault((u["diagnostic"], u["variant"]), list(u["values"]))

@@ -49,6 +49,9 @@ from conservcheck.report.summary import guidance_label, time_label
 
 FLOOR_FACTOR = 10.0
 
+#: A unit record's key: field, diagnostic, variant, time key and guidance weight (None: unguided).
+_UnitKey = tuple[str, str, str, str, float | None]
+
 
 @dataclass
 class Verdict:
@@ -63,14 +66,15 @@ class Verdict:
         return f"{self.status}: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
-        return json_safe(asdict(self))
+        data: dict[str, Any] = json_safe(asdict(self))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Verdict:
         return cls(data["status"], data["reason"], list(data.get("checks", [])), dict(data.get("rule", {})))
 
 
-def _median(units: dict[tuple, dict[str, Any]], key: tuple, metric: str) -> float | None:
+def _median(units: dict[_UnitKey, dict[str, Any]], key: _UnitKey, metric: str) -> float | None:
     u = units.get(key)
     if u is None or u["status"] != "ok" or metric not in u["values"]:
         return None
@@ -86,7 +90,7 @@ def _unmeasured(units: list[dict[str, Any]], checks: list[dict[str, Any]], time_
     """``loop.rotation at t=1, t=2; stein.funnel at t=2``: the model diagnostics a skipped unit left
     unmeasured (the model unit itself, or the control unit its check needs)."""
     where: dict[str, list[str]] = {}
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple[str, str, str, float | None]] = set()
     for item in [u for u in units if u["field"] == "model" and u["status"] == "skipped"] + [
         c for c in checks if c["status"] == "skipped"
     ]:
@@ -121,11 +125,8 @@ def decide_verdict(
     violation among the measured checks it is ``invalid``, and every reason names what is unmeasured.
     """
     spec = PRECISIONS.get(precision)
-    rule = {
-        "factor": FLOOR_FACTOR,
-        "headline": diagnostics.headline_rule(),
-        "precision_floor": spec.floor_rel if spec is not None else 0.0,
-    }
+    precision_floor = spec.floor_rel if spec is not None else 0.0
+    rule = {"factor": FLOOR_FACTOR, "headline": diagnostics.headline_rule(), "precision_floor": precision_floor}
     by_key = {(u["field"], u["diagnostic"], u["variant"], u["time"]["key"], u.get("guidance")): u for u in units}
     checks: list[dict[str, Any]] = []
     for u in units:
@@ -155,10 +156,10 @@ def decide_verdict(
             continue
         control = _median(by_key, ("control", *key, None), metric) or 0.0
         quad = _own_floor(u)
-        floor = max(control, quad, rule["precision_floor"])
+        floor = max(control, quad, precision_floor)
         ratio = median / floor if floor > 0 else math.inf
         status = "violation" if median > FLOOR_FACTOR * floor else "pass"
-        if status == "pass" and median > FLOOR_FACTOR * max(control, rule["precision_floor"]):
+        if status == "pass" and median > FLOOR_FACTOR * max(control, precision_floor):
             # Only the discretisation floor keeps it from being a violation: not resolved at this node count.
             status = "unresolved"
         method = (u.get("meta") or {}).get("strategy")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from conservcheck import diagnostics
@@ -145,7 +146,7 @@ def diagnostic_tables(report: AuditReport, width: int | None = None) -> list[Tex
         graded = spec is not None and spec.headline_metric(variant) == main
         pooled = spec is not None and main in spec.pooled
 
-        def extra_median(r: Any, metric: str) -> str:
+        def extra_median(r: Any, c: dict[str, Any], metric: str) -> str:
             same_w = rows["guidance"].map(lambda g: guidance_value(g) == guidance_value(r["guidance"])).astype(bool)
             e = rows[(rows["metric"] == metric) & (rows["time_key"] == r["time_key"]) & same_w]["median"]
             return fmt(float(e.iloc[0])) if len(e) else "—"
@@ -169,7 +170,7 @@ def diagnostic_tables(report: AuditReport, width: int | None = None) -> list[Tex
             ]
         columns.append(("n", lambda r, c: fmt(r["n"] if r["status"] == "ok" else None)))
         if extra:
-            columns.append((f"{extra} median", lambda r, c, m=extra: extra_median(r, m)))
+            columns.append((f"{extra} median", partial(extra_median, metric=extra)))
         if graded:
             columns.append(("floor", lambda r, c: fmt(c.get("floor"))))
             if width is None:
@@ -178,8 +179,8 @@ def diagnostic_tables(report: AuditReport, width: int | None = None) -> list[Tex
         methods = sorted({c["method"] for k, c in checks.items() if k[:2] == (diag, variant) and c.get("method")})
         title = f"{diag} · {variant} — {main}"
         if methods:
-            names = ", ".join(METHOD_TEXT.get(m, m) for m in methods)
-            title += f" (Jacobian by {names}; floor measured on the control by the same method)"
+            method_names = ", ".join(METHOD_TEXT.get(m, m) for m in methods)
+            title += f" (Jacobian by {method_names}; floor measured on the control by the same method)"
         names = [name for name, _ in columns]
         body: list[list[str]] = []
         flags: list[list[bool]] = []

@@ -220,11 +220,13 @@ def _environment(probe: VectorFieldProbe) -> dict[str, Any]:
     }
 
 
-def _identity(model: dict[str, Any], opts: dict[str, Any], points: list[TimePoint], x0_sha: str, batch: int) -> dict:
+def _identity(
+    model: dict[str, Any], opts: dict[str, Any], points: list[TimePoint], x0_sha: str, batch: int
+) -> dict[str, Any]:
     """Everything that decides the audit's numbers: the model's identity, units and conditions (for a
     ``module:factory`` model its module file's and returned weights' SHA-256), the numeric options, the time
     points, x0, and the batch size (a batched forward pass rounds differently at another batch size)."""
-    return json_safe(
+    identity: dict[str, Any] = json_safe(
         {
             "schema": SCHEMA_VERSION,
             "model": model,
@@ -234,6 +236,7 @@ def _identity(model: dict[str, Any], opts: dict[str, Any], points: list[TimePoin
             "batch_size": batch,
         }
     )
+    return identity
 
 
 def _fingerprint(identity: dict[str, Any]) -> str:
@@ -351,7 +354,7 @@ def audit(
     plan_estimate = estimate(probe, mine, len(points), batcher.batch_size, sampling_cost, measure=not problems)
     log.info("%s", plan_estimate.line())
     clock.stop("checks")
-    header = {
+    header: dict[str, Any] = {
         "tool": {"name": "conservcheck", "version": __version__},
         "model": model_info,
         "process": probe.process.to_dict(),

@@ -191,7 +191,8 @@ def run_unit(
         )
     record.update(values={k: v.tolist() for k, v in values.items()}, meta=result.meta)
     # The exact floats a resumed audit reads back from the partial-results file (NaN/Inf as null).
-    return json.loads(json.dumps(json_safe(record), allow_nan=False))
+    exact: dict[str, Any] = json.loads(json.dumps(json_safe(record), allow_nan=False))
+    return exact
 
 
 def _run_per_condition(

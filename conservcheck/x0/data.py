@@ -36,7 +36,8 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def _split_key(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def _pil():
+def _pil() -> ModuleType:
     try:
         from PIL import Image
     except ImportError:
@@ -114,6 +115,13 @@ class Target:
         return math.prod(self.shape)
 
 
+@runtime_checkable
+class _Encodes(Protocol):
+    """A latent probe: its autoencoder maps images in ``image_range`` to clean latents."""
+
+    def encode(self, images: Tensor) -> Tensor: ...
+
+
 def image_target(probe: VectorFieldProbe) -> Target | None:
     """The images a latent probe's autoencoder takes, for a probe with ``encode`` and ``image_shape``
     (e.g. :class:`conservcheck.adapters.latent.LatentProbe`); None for a probe in pixel space."""
@@ -130,7 +138,7 @@ def _image_shape(target: Target, what: str) -> tuple[int, int, int]:
             f"{what}, but the model's samples have shape {target.shape}",
             "pass an array file with one row per sample",
         )
-    return target.shape  # type: ignore[return-value]
+    return target.shape
 
 
 def _subset(count: int, n: int, seed: int, source: str) -> list[int]:
@@ -191,7 +199,8 @@ def _load_array(path: Path, key: str | None) -> np.ndarray:
     else:
         try:
             if suffix == ".npy":
-                return np.load(path, allow_pickle=False)
+                array: np.ndarray = np.load(path, allow_pickle=False)
+                return array
             with np.load(path, allow_pickle=False) as z:
                 items = {k: z[k] for k in z.files}
         except Exception as err:  # numpy raises ValueError, OSError, EOFError, zipfile errors for a bad file
@@ -343,7 +352,7 @@ def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Te
     is_remote = "://" in path_text
     path = Path(path_text).expanduser()
     suffix = Path(path_text.split("?")[0]).suffix.lower()
-    model = Target(tuple(probe.sample_shape), tuple(probe.data_range))
+    model = Target(tuple(probe.sample_shape), probe.data_range)
     images = image_target(probe)
     read_as = images or model
     if not is_remote and not path.exists():
@@ -376,6 +385,7 @@ def load_data(spec: str, probe: VectorFieldProbe, n: int, seed: int) -> tuple[Te
         mapping = "latents used as given"
     elif images is not None:
         pixels, mapping = _to_range(_to_layout(raw, images, path_text), bool(eight_bit), images, path_text)
+        assert isinstance(probe, _Encodes), "image_target accepts only a probe with encode"
         x = probe.encode(pixels).to("cpu", torch.float64)
         mapping = f"{mapping}, encoded into latents by the model's autoencoder"
     else:

@@ -66,7 +66,7 @@ def time_grid(probe: VectorFieldProbe, steps: int) -> Tensor:
     """
     conv = probe.time_convention
     if conv.num_steps is not None:
-        k = torch.linspace(conv.num_steps - 1, 0, steps, dtype=torch.float64).round().unique_consecutive()
+        k = torch.unique_consecutive(torch.linspace(conv.num_steps - 1, 0, steps, dtype=torch.float64).round())
         return conv.to_canonical(k)
     return log_snr_grid(probe.process, *noise_span(probe), steps)
 
@@ -174,7 +174,7 @@ def _read(folder: Path, name: str, key: dict[str, Any], shape: tuple[int, ...]) 
         data = read_input(folder / f"{name}.npy", "sample cache", "", limit)
         if stored.get("sha256") != hashlib.sha256(data).hexdigest():
             raise ValueError("its SHA-256 is not the one recorded")
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        arr: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
     except (UsageError, OSError, ValueError) as err:
         log.warning("the cached model samples %s are damaged (%s): drawing them again", folder / f"{name}.npy", err)
         return None
@@ -225,7 +225,7 @@ def model_samples(
             return torch.from_numpy(arr).to(device=probe.device, dtype=probe.dtype), source
     log.info("x0: drawing %d samples from the model (deterministic DPM-Solver++(2M), %d steps)", n, steps)
     x = _conditional_samples(probe, n, seed, steps, batcher)
-    if folder is not None and name is not None:
+    if folder is not None and name is not None and key is not None:
         try:
             _write(folder, name, x, key)
         except OSError as err:

@@ -108,7 +108,8 @@ class ScoreSdeField(torch.nn.Module):
             label = (self.levels - 1 - t).round().clamp(0, self.levels - 1).long()
         else:
             label = t
-        return self.net(x, label)
+        out: Tensor = self.net(x, label)
+        return out
 
 
 def units(cfg: SDEConfig, levels: int) -> dict[str, Any]:

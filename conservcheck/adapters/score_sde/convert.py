@@ -110,7 +110,9 @@ def build_unet(cfg: SDEConfig) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
     try:
-        unet = UNet2DModel(**unet_kwargs(cfg))
+        # mypy resolves diffusers' top-level model names to the untyped placeholders it defines for a missing
+        # torch; the object is the real model
+        unet: torch.nn.Module = UNet2DModel(**unet_kwargs(cfg))  # type: ignore[no-untyped-call, assignment]
     except ValueError as err:
         # AttnSkipUpBlock2D builds its resnets' GroupNorms with 32 groups whatever their width
         raise ModelLoadError(
