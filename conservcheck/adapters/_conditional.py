@@ -26,7 +26,8 @@ import torch
 from conservcheck.adapters._diffusers import AUTOENCODERS, _quiet_diffusers, load_component, read_json
 from conservcheck.adapters.latent import LatentProbe
 from conservcheck.adapters.weights import WeightsFiles, check_safetensors, find_weights
-from conservcheck.errors import ModelLoadError, reason
+from conservcheck.conditioning import Conditioning, text_conditioning
+from conservcheck.errors import ModelLoadError, UsageError, reason
 
 TEXT_EXTRA_HINT = "pip install 'conservcheck[text]'"
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
@@ -225,15 +226,52 @@ def autoencoder(
     return config, load
 
 
+def required_prompts(path: pathlib.Path, options: dict[str, Any]) -> tuple[list[str], str | None, Conditioning]:
+    """A text-to-image pipeline's ``prompt`` option as a list (one line naming ``--prompt`` when it is missing),
+    its ``negative_prompt`` and their :class:`~conservcheck.conditioning.Conditioning`."""
+    prompt = options.get("prompt")
+    if prompt is None:
+        raise UsageError(
+            f"{path.name} is a text-to-image model: it needs a prompt",
+            "pass --prompt TEXT (repeat it for several; --prompt '' for the unconditional field)",
+        )
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negative = options.get("negative_prompt")
+    return prompts, negative, text_conditioning(prompts, negative)
+
+
+def pipeline_scheduler(root: pathlib.Path) -> tuple[dict[str, Any], str]:
+    """The pipeline's ``scheduler/scheduler_config.json`` and its path (for messages), or a one-line error."""
+    file = root / "scheduler" / "scheduler_config.json"
+    config = read_json(file)
+    if config is None:
+        raise ModelLoadError(f"{file} is missing or not a JSON object", "restore the pipeline's scheduler/")
+    return config, str(file)
+
+
+def latent_record(ae_config: dict[str, Any], default_scale: float) -> dict[str, Any]:
+    """The report's record of a pipeline's latent space (AutoencoderKL coordinates)."""
+    return {
+        "latent": True,
+        "autoencoder": "AutoencoderKL",
+        "scaling_factor": float(ae_config.get("scaling_factor", default_scale)),
+        "shift_factor": ae_config.get("shift_factor"),
+        "latent_coordinates": "z = scaling_factor * (E(image) - shift_factor)",
+    }
+
+
 __all__ = [
     "LazyLatentProbe",
     "TEXT_EXTRA_HINT",
     "autoencoder",
     "component_class",
     "free",
+    "latent_record",
     "load_text_encoder",
     "load_tokenizer",
     "math_attention",
+    "pipeline_scheduler",
     "quiet_libraries",
+    "required_prompts",
     "require_transformers",
 ]

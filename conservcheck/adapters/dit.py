@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from conservcheck.adapters._conditional import LazyLatentProbe, autoencoder
+from conservcheck.adapters._conditional import LazyLatentProbe, autoencoder, latent_record, pipeline_scheduler
 from conservcheck.adapters._diffusers import (
     check_options,
     load_component,
@@ -101,11 +101,7 @@ def load(
             "restore the transformer's config.json",
         )
     conditioning, labels = class_conditioning(options.get("class_label"), n_classes, n_classes, "the null class")
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    sched_cfg = read_json(sched_file)
-    if sched_cfg is None:
-        raise ModelLoadError(f"{sched_file} is missing or not a JSON object", "restore the pipeline's scheduler/")
-    units = scheduler_units(sched_cfg, str(sched_file))
+    units = scheduler_units(*pipeline_scheduler(path))
     variant = options.get("variant")
     model, weights, loader = load_component(
         diffusers.DiTTransformer2DModel,
@@ -138,11 +134,7 @@ def load(
         extra={
             "family": "dit",
             **units.extra,
-            "latent": True,
-            "autoencoder": "AutoencoderKL",
-            "scaling_factor": float(ae_config.get("scaling_factor", 0.18215)),
-            "shift_factor": ae_config.get("shift_factor"),
-            "latent_coordinates": "z = scaling_factor * (E(image) - shift_factor)",
+            **latent_record(ae_config, 0.18215),
             "learned_sigma": channels is not None,
             "output": "eps: the first C of 2C channels" if channels is not None else units.extra.get("output"),
             "condition_input": f"class_labels [B] in 0..{n_classes - 1}; null class {n_classes}",

@@ -33,17 +33,20 @@ from conservcheck.adapters._conditional import (
     LazyLatentProbe,
     autoencoder,
     free,
+    latent_record,
     load_text_encoder,
     load_tokenizer,
     math_attention,
+    pipeline_scheduler,
     quiet_libraries,
     require_transformers,
+    required_prompts,
 )
 from conservcheck.adapters._diffusers import check_options, load_component, model_config, read_json
 from conservcheck.adapters.flow import AffineTime, scheduler_time_scale
 from conservcheck.adapters.weights import hash_files
-from conservcheck.conditioning import ConditionalField, text_conditioning
-from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.conditioning import ConditionalField
+from conservcheck.errors import ModelLoadError
 from conservcheck.parameterization import conversion
 from conservcheck.probe import ProbeInfo
 from conservcheck.process import FlowProcess
@@ -156,20 +159,9 @@ def load(
             f"{path} is not an SD3-class pipeline folder",
             "expected model_index.json, transformer/ (SD3Transformer2DModel), scheduler/, vae/ and text encoders",
         )
-    prompt = options.get("prompt")
-    if prompt is None:
-        raise UsageError(
-            f"{path.name} is a text-to-image model: it needs a prompt",
-            "pass --prompt TEXT (repeat it for several; --prompt '' for the unconditional field)",
-        )
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negative = options.get("negative_prompt")
-    conditioning = text_conditioning(prompts, negative)
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    sched_cfg = read_json(sched_file)
-    if sched_cfg is None:
-        raise ModelLoadError(f"{sched_file} is missing or not a JSON object", "restore the pipeline's scheduler/")
-    scale = scheduler_time_scale(sched_cfg, str(sched_file))
+    prompts, negative, conditioning = required_prompts(path, options)
+    sched_cfg, sched_file = pipeline_scheduler(path)
+    scale = scheduler_time_scale(sched_cfg, sched_file)
     variant = options.get("variant")
     model, weights, loader = load_component(
         diffusers.SD3Transformer2DModel,
@@ -213,11 +205,7 @@ def load(
             "use_dynamic_shifting": bool(sched_cfg.get("use_dynamic_shifting", False)),
             "output": "velocity eps - x0",
             "conversion": conversion("velocity", "flow"),
-            "latent": True,
-            "autoencoder": "AutoencoderKL",
-            "scaling_factor": float(ae_config.get("scaling_factor", 1.0)),
-            "shift_factor": ae_config.get("shift_factor"),
-            "latent_coordinates": "z = scaling_factor * (E(image) - shift_factor)",
+            **latent_record(ae_config, 1.0),
             "text_encoders": [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if (path / n).is_dir()],
             "text_embedding_shape": list(conditions["encoder_hidden_states"].shape[1:]),
             "condition_input": "encoder_hidden_states and pooled_projections (encode_prompt)",

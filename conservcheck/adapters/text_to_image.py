@@ -33,10 +33,13 @@ from conservcheck.adapters._conditional import (
     LazyLatentProbe,
     autoencoder,
     free,
+    latent_record,
     load_text_encoder,
     load_tokenizer,
+    pipeline_scheduler,
     quiet_libraries,
     require_transformers,
+    required_prompts,
 )
 from conservcheck.adapters._diffusers import (
     check_options,
@@ -47,8 +50,8 @@ from conservcheck.adapters._diffusers import (
     scheduler_units,
 )
 from conservcheck.adapters.weights import hash_files
-from conservcheck.conditioning import ConditionalField, text_conditioning
-from conservcheck.errors import ModelLoadError, UsageError
+from conservcheck.conditioning import ConditionalField
+from conservcheck.errors import ModelLoadError
 from conservcheck.probe import ProbeInfo
 
 NAME = "text_to_image"
@@ -156,22 +159,10 @@ def load(
             f"{path} is not a text-to-image UNet pipeline folder",
             "expected model_index.json, unet/ (UNet2DConditionModel), text_encoder/, tokenizer/, scheduler/, vae/",
         )
-    prompt = options.get("prompt")
-    if prompt is None:
-        raise UsageError(
-            f"{path.name} is a text-to-image model: it needs a prompt",
-            "pass --prompt TEXT (repeat it for several; --prompt '' for the unconditional field)",
-        )
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negative = options.get("negative_prompt")
-    conditioning = text_conditioning(prompts, negative)
+    prompts, negative, conditioning = required_prompts(path, options)
     unet_cfg = read_json(path / "unet" / "config.json") or {}
     _refuse_unsupported(path, unet_cfg)
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    sched_cfg = read_json(sched_file)
-    if sched_cfg is None:
-        raise ModelLoadError(f"{sched_file} is missing or not a JSON object", "restore the pipeline's scheduler/")
-    units = scheduler_units(sched_cfg, str(sched_file))
+    units = scheduler_units(*pipeline_scheduler(path))
     variant = options.get("variant")
     unet, unet_w, loader = load_component(
         diffusers.UNet2DConditionModel,
@@ -206,11 +197,7 @@ def load(
         extra={
             "family": "text_to_image",
             **units.extra,
-            "latent": True,
-            "autoencoder": "AutoencoderKL",
-            "scaling_factor": float(ae_config.get("scaling_factor", 0.18215)),
-            "shift_factor": ae_config.get("shift_factor"),
-            "latent_coordinates": "z = scaling_factor * (E(image) - shift_factor)",
+            **latent_record(ae_config, 0.18215),
             "text_encoder": (read_json(path / "model_index.json") or {}).get("text_encoder", [None, None])[1],
             "text_embedding_shape": list(embeddings.shape[1:]),
             "condition_input": "encoder_hidden_states: the prompt's CLIP hidden states (encode_prompt)",
