@@ -91,6 +91,7 @@ def test_joint_attention_is_differentiable_forward_and_backward(sd3_folder):
     assert choice.name == "jvp" and choice.rejected == {}, choice
 
 
+@pytest.mark.slow
 def test_cli_audit_with_a_prompt_at_two_guidance_scales(sd3_folder, audit_end_to_end):
     data = audit_end_to_end(sd3_folder, "--prompt", "a cat", "--guidance-scale", "1,7.5")
     assert data["model"]["adapter"] == "sd3" and data["model"]["conditioning"]["guidance_scales"] == [1.0, 7.5]

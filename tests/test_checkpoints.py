@@ -5,8 +5,9 @@ published_checkpoints.py`` for the published repositories: their file names and 
 configs with every key, pre-0.15 attention weight names, random weights), resolves the hub id with the real
 huggingface_hub code under ``HF_HUB_OFFLINE=1`` (hub id → cache → adapter → probe), checks the probe against
 diffusers' own pipeline or scheduler reading the same folder, and runs one small audit through the CLI.
-Default runs use the ``small`` size (published keys, reduced widths and resolution); the published widths
-are checked by the slow-marked tests.
+Default runs use the ``small`` size (published keys, reduced widths and resolution) and one repository per
+distinct published config (:data:`DEFAULT_RUN`: the 32² DDPM, a 256² EMA DDPM, an NCSN++); the other
+repositories of each family and the published widths are checked by the slow-marked tests.
 
 Tolerances: float64 comparisons of x̂0 against ``DDPMScheduler.step`` use the bound of
 tests/test_adapter_diffusers.py (1e-6 relative: the scheduler holds ᾱ in float32); float32 comparisons with
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +46,8 @@ NCSNPP_REPOS = [
     "google/ncsnpp-ffhq-256",
     "google/ncsnpp-ffhq-1024",
 ]
+#: One repository per distinct published config runs by default; the rest of each family is slow-marked.
+DEFAULT_RUN = {"google/ddpm-cifar10-32", "google/ddpm-ema-cat-256", "google/ncsnpp-celebahq-256"}
 FLAT_FILES = ["README.md", "config.json", "diffusion_pytorch_model.bin", "model_index.json", "scheduler_config.json"]
 
 
@@ -138,7 +142,11 @@ def check_ddpm_against_scheduler(probe, folder, ks=(10, 500, 990)):
 # google/ddpm-*: DDPMPipeline, every file at the repository root
 
 
-@pytest.mark.parametrize("repo_id", DDPM_REPOS)
+def _family(repos: list[str]) -> list[Any]:
+    return [r if r in DEFAULT_RUN else pytest.param(r, marks=pytest.mark.slow) for r in repos]
+
+
+@pytest.mark.parametrize("repo_id", _family(DDPM_REPOS))
 def test_ddpm_repo(repo_id, tmp_path, cli_audit):
     cache = tmp_path / "hub"
     snap = PC.build(repo_id, cache, size="small")
@@ -222,7 +230,7 @@ def check_ncsnpp_against_pipeline(probe, folder):
     assert _rel(a - x, b - x) < 1e-5
 
 
-@pytest.mark.parametrize("repo_id", NCSNPP_REPOS)
+@pytest.mark.parametrize("repo_id", _family(NCSNPP_REPOS))
 def test_ncsnpp_repo(repo_id, tmp_path, cli_audit):
     cache = tmp_path / "hub"
     snap = PC.build(repo_id, cache, size="small")

@@ -110,6 +110,7 @@ def _github(case: str, baseline: Path, tmp_path: Path) -> list[dict]:
     return steps
 
 
+@pytest.mark.slow
 def test_github_workflow_same_checkpoint_passes(funnel_reports, tmp_path):
     steps = _github("same", funnel_reports["seed0"], tmp_path)
     assert [s["name"] for s in steps] == ["Audit", "Gate against the baseline"]
@@ -178,7 +179,9 @@ def _gitlab(case: str, baseline: Path, tmp_path: Path) -> tuple[subprocess.Compl
     return proc, job, ws
 
 
-@pytest.mark.parametrize("case, code, failures", [("same", 0, "0"), ("injected", 1, "1")])
+@pytest.mark.parametrize(
+    "case, code, failures", [pytest.param("same", 0, "0", marks=pytest.mark.slow), ("injected", 1, "1")]
+)
 def test_gitlab_job(case, code, failures, funnel_reports, tmp_path):
     proc, job, ws = _gitlab(case, funnel_reports["seed0"], tmp_path)
     assert proc.returncode == code, proc.stdout + proc.stderr

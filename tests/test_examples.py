@@ -1,10 +1,12 @@
 """The examples run, in their quick forms, as a user runs them: ``python examples/<script>.py`` in a
 subprocess, with the Hugging Face cache in a temporary folder and the Hub switched off.
 
-Default run (under 10 s each on a 2-core CPU): the two training scripts with a few steps, the
-evaluation pipeline on the embedded funnel, and the CI workflow of ``examples/ci_gate.md`` with its own
-``--fail-if`` conditions. Marked slow (about a minute each): ``reproduce_figures.py --quick`` and
-``latent_diffusion.py --quick``.
+Default run: what examples may and may not do (a missing extra is one line, the shipped models cannot be
+overwritten, the CI recipe installs from the repository). Marked slow, as each runs a whole example for
+5–20 s (``reproduce_figures.py --quick`` and ``latent_diffusion.py --quick`` about a minute): the two
+training scripts with a few steps (and the conservativity metric logged to TensorBoard), the evaluation
+pipeline on the embedded funnel, the CI workflow of ``examples/ci_gate.md`` with its own ``--fail-if``
+conditions, and the rebuilt published-checkpoint cache read by the CLI offline.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "conservcheck.cli.app", *args], tmp_path)
 
 
+@pytest.mark.slow
 def test_train_funnel_quick(tmp_path):
     example("train_funnel.py", "--steps", "30", "--log-every", "10", "--out", "funnel", tmp_path=tmp_path)
     record = json.loads((tmp_path / "funnel" / "config.json").read_text())
@@ -62,6 +65,7 @@ def test_train_funnel_quick(tmp_path):
     assert math.isfinite(record["training"]["final_train_loss"])
 
 
+@pytest.mark.slow
 def test_train_digits_quick_loads_as_a_diffusers_model(tmp_path):
     import torch
 
@@ -94,6 +98,7 @@ def test_train_digits_quick_loads_as_a_diffusers_model(tmp_path):
     assert record["ema_eval_loss"] < 1.0 and record["parameters"] > 0
 
 
+@pytest.mark.slow
 def test_train_digits_logs_conservativity_to_tensorboard(tmp_path):
     """--metric-every: ConservativityMetric on the EMA network every 2 steps, logged to TensorBoard, read back
     from the event file and drawn; the metric changes no weight (the same run without it saves the same)."""
@@ -134,6 +139,7 @@ def test_train_digits_logs_conservativity_to_tensorboard(tmp_path):
     assert (tmp_path / "tracked" / weights).read_bytes() == (tmp_path / "plain" / weights).read_bytes()
 
 
+@pytest.mark.slow
 def test_evaluation_pipeline_on_the_funnel(tmp_path):
     proc = example(
         "evaluation_pipeline.py",
@@ -163,6 +169,7 @@ def _workflow_audit_command() -> list[str]:
     return shlex.split(block.replace("\\\n", " "))
 
 
+@pytest.mark.slow
 def test_ci_gate_workflow_on_the_funnel(tmp_path):
     """The workflow's own command, on the embedded funnel with fewer samples, nodes and time points."""
     argv = _workflow_audit_command()
@@ -332,6 +339,7 @@ def test_ci_gate_installs_from_the_repository_checkout(tmp_path):
     assert "plots" in item["metadata"]["provides_extra"]
 
 
+@pytest.mark.slow
 def test_published_checkpoints_rebuilds_a_cache_the_cli_reads_offline(tmp_path):
     """examples/published_checkpoints.py writes google/ncsnpp-celebahq-256's layout into a hub cache; with
     HF_HUB_CACHE pointing there, ``conservcheck fetch`` and ``audit`` find it with HF_HUB_OFFLINE=1 and no

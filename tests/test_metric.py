@@ -197,6 +197,7 @@ def _rank_main(rank: int, world: int, init_file: str, queue) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_group_syncs_like_torchmetrics(tmp_path):
     """compute() on each rank of a real 2-process group gives the medians of all 8 samples: with global
     indices passed explicitly, exactly what one process computes on all of x0; with the default indices

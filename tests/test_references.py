@@ -150,6 +150,7 @@ def test_offline_uncached_revision_lists_the_cached_ones(cached, offline):
     assert "revision 'v2' of owner/tiny" in msg and f"cached: main, v1, {COMMIT_B}, {COMMIT_A}" in msg
 
 
+@pytest.mark.slow
 def test_offline_env_var_at_interpreter_start(cached):
     """HF_HUB_OFFLINE=1 set before huggingface_hub is imported (the usual way) works the same."""
     code = textwrap.dedent(f"""

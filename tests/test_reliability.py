@@ -611,6 +611,7 @@ def shared(tmp_path_factory):
     return files, _without_run(d / "fresh.json")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_report(shared, tmp_path):
     files, uninterrupted = shared
     journal, out = tmp_path / "killed.jsonl", tmp_path / "resumed.json"

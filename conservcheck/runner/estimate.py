@@ -14,6 +14,7 @@ anything heavy; :func:`estimate` adds the measured forward time.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -128,12 +129,15 @@ def plan_evals(plan: Iterable[UnitSpec], sampling_evals: float, contract: bool =
     return tuple(Phase(name, evals, int(units)) for name, (evals, units) in phases.items())
 
 
-def forward_seconds(probe: VectorFieldProbe, batch_size: int, t: float | None = None) -> float:
+def forward_seconds(
+    probe: VectorFieldProbe, batch_size: int, t: float | None = None, rows: float | None = None
+) -> float:
     """Seconds per sample of one batched forward pass of ``probe`` (no autograd), measured.
 
     One untimed pass first (lazy initialisation, kernel selection), then batches of 32, 64, … rows until
     one pass takes :data:`TIMING_SECONDS` or the batch reaches ``batch_size`` (or 1024 rows, where a pass
-    of a model worth timing is long enough); at that size the best of two
+    of a model worth timing is long enough, or ``rows``, the evaluations of the whole audit: timing an
+    audit never costs more than a few times the audit itself); at that size the best of two
     passes counts, so one slow spell of a shared machine does not set the estimate. Small batches are
     not timed: on a CPU their per-sample time says little about the audit's batches. The inputs are
     unit-variance noise at the middle of the process's noise range. Costs about three times the last pass.
@@ -141,6 +145,8 @@ def forward_seconds(probe: VectorFieldProbe, batch_size: int, t: float | None = 
     shape = probe.sample_shape
     tt = probe.process.t_from_sigma(torch.tensor(0.5, dtype=torch.float64)) if t is None else t
     largest = min(batch_size, TIMING_MAX)
+    if rows is not None:
+        largest = max(1, min(largest, math.ceil(rows)))
     size = min(TIMING_START, largest)
 
     def timed(rows: int) -> float:
@@ -182,7 +188,7 @@ def estimate(
     per_eval = None
     if measure:
         try:
-            per_eval = forward_seconds(probe, batch_size)
+            per_eval = forward_seconds(probe, batch_size, rows=sum(p.evals for p in phases))
         except Exception:  # the audit itself reports the model's failure, unit by unit
             per_eval = None
     return Estimate(phases, n_time_points, per_eval, batch_size)
