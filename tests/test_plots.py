@@ -11,7 +11,7 @@ import pytest
 from conservcheck.report import AuditReport
 
 pytest.importorskip("matplotlib")
-from conservcheck.report.plots import _time_figure, plot_report  # noqa: E402
+from conservcheck.report.plots import _box_figure, _time_figure, plot_report  # noqa: E402
 
 KEYS = {10: 0.0468, 100: 0.324, 500: 0.96, 990: 1.0}  # time index → σ
 
@@ -108,3 +108,12 @@ def test_unresolved_points_are_drawn_open_and_resolved_ones_filled():
 def test_every_figure_is_written(tmp_path):
     names = {p.name for p in plot_report(_report(), tmp_path)}
     assert {"curl_curl_mean_abs.png", "loop_abs_circulation.png"} <= names
+
+
+def test_box_plots_have_one_box_per_time_point():
+    """Rows without a guidance scale (NaN in the table) are one group per time point, not one per row."""
+    report = _report()
+    fig = _box_figure(report, "loop", "abs_circulation")
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels == [report.time_label(f"k{k}") for k in KEYS]

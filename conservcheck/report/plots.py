@@ -162,7 +162,10 @@ def _box_figure(report: AuditReport, diagnostic: str, metric: str) -> Any | None
         sub = rows[rows["variant"] == variant]
         w = sub["guidance"] if "guidance" in sub else pd.Series([None] * len(sub), index=sub.index, dtype=object)
         order = sub.assign(_w=w.astype(float)).sort_values(["t", "_w"])
-        keys = list(dict.fromkeys(zip(order["time_key"], order["_w"])))
+        # NaN (no guidance) never equals itself: keyed as None, so each time point is one box.
+        keys = list(
+            dict.fromkeys((k, None if pd.isna(g) else float(g)) for k, g in zip(order["time_key"], order["_w"]))
+        )
         data = [sub[(sub["time_key"] == k) & _same(w, g)][metric].dropna().to_numpy() for k, g in keys]
         ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
         ax.set_xticks(range(1, len(keys) + 1), [report.time_label(k, g) for k, g in keys], rotation=45, fontsize=7)
@@ -174,10 +177,10 @@ def _box_figure(report: AuditReport, diagnostic: str, metric: str) -> Any | None
     return fig
 
 
-def _same(column: Any, w: float) -> Any:
-    """Rows whose guidance scale is w (both NaN counts as the same: no guidance)."""
+def _same(column: Any, w: float | None) -> Any:
+    """Rows whose guidance scale is w (None: no guidance)."""
     values = column.astype(float)
-    return values.isna() if pd.isna(w) else values == w
+    return values.isna() if w is None else values == w
 
 
 def plot_report(report: AuditReport, out_dir: str | Path, fmt: str = "png") -> list[Path]:
