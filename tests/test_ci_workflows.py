@@ -191,3 +191,26 @@ def test_gitlab_job(case, code, failures, funnel_reports, tmp_path):
     suite = ET.parse(ws / job["artifacts"]["reports"]["junit"]).getroot().find("testsuite")
     assert suite.get("tests") == "1" and suite.get("failures") == failures
     assert "::" not in proc.stdout  # GitHub's annotations only with --format github
+
+
+# ------------------------------------------------------------------------------------------- install
+
+
+def test_both_recipes_install_from_a_checkout_of_the_repository_and_torch_from_the_cpu_index():
+    """conservcheck is not on a package index: each recipe checks its repository out and installs that
+    folder with the plots extra (the HTML report's figures); hosted runners have no GPU, so torch comes from
+    PyTorch's CPU index. tests/test_examples.py shows that pip resolves such a folder spec to conservcheck."""
+    torch_line = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    job = _github_job()
+    (checkout,) = [s for s in job["steps"] if s.get("with", {}).get("repository")]
+    assert (
+        checkout["uses"].startswith("actions/checkout@") and "CONSERVCHECK_REPOSITORY" in checkout["with"]["repository"]
+    )
+    (install,) = [s for s in job["steps"] if s.get("name") == "Install"]
+    assert install["run"].splitlines() == [torch_line, f'pip install "./{checkout["with"]["path"]}[plots]"']
+    gitlab = yaml.safe_load((CI / "gitlab-ci.yml").read_text())["conservativity"]
+    clone, torch_step, package = gitlab["before_script"][1:]
+    folder = clone.split()[-1]
+    assert clone.startswith("git clone") and '"$CONSERVCHECK_REPOSITORY"' in clone and "CONSERVCHECK_REF" in clone
+    assert torch_step == torch_line and package == f'pip install "./{folder}[plots]"'
+    assert "CONSERVCHECK_REF" in gitlab["variables"]

@@ -3,7 +3,7 @@ attention, and freeing what only loading needed.
 
 Used by ``text_to_image`` (Stable Diffusion 1.x / 2.x), ``dit`` (class-conditional DiT) and ``sd3`` (flow
 transformers); not an adapter itself. Text encoders need ``transformers`` — the ``text`` extra
-(``pip install 'conservcheck[text]'``); without it, loading such a pipeline fails with one line saying so
+(``pip install transformers``); without it, loading such a pipeline fails with one line saying so
 and nothing else is affected. Every model library is imported lazily, inside the functions.
 
 Memory: the text encoders are loaded, run once on every distinct prompt (and the negative or empty
@@ -29,7 +29,7 @@ from conservcheck.adapters.weights import WeightsFiles, check_safetensors, find_
 from conservcheck.conditioning import Conditioning, text_conditioning
 from conservcheck.errors import ModelLoadError, UsageError, reason
 
-TEXT_EXTRA_HINT = "pip install 'conservcheck[text]'"
+TEXT_EXTRA_HINT = "pip install transformers (the text extra)"
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 

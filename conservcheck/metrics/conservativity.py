@@ -34,7 +34,7 @@ returns: parameterization, process, time convention, sample shape; see
 off, and both are restored afterwards, so ``update`` can sit inside a training loop; pass the plain module
 (``ddp_model.module``) or the EMA copy, not a DDP wrapper.
 
-Needs the ``metrics`` extra: ``pip install "conservcheck[metrics]"`` (torchmetrics).
+Needs the ``metrics`` extra: ``pip install torchmetrics`` (``pip install -e ".[metrics]"`` in a checkout).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ try:
     from torchmetrics.utilities import dim_zero_cat
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise UsageError(
-        "ConservativityMetric needs torchmetrics, which is not installed", "pip install 'conservcheck[metrics]'"
+        "ConservativityMetric needs torchmetrics, which is not installed",
+        "pip install torchmetrics (the metrics extra)",
     ) from err
 
 #: Sample indices of rank r start at r · RANK_STRIDE (no two ranks share a random stream).

@@ -34,7 +34,7 @@ def _figure(**kw: Any) -> Any:
         from matplotlib.figure import Figure
     except ImportError:
         raise UsageError(
-            "plotting needs matplotlib, which is not installed", "pip install 'conservcheck[plots]'"
+            "plotting needs matplotlib, which is not installed", "pip install matplotlib (the plots extra)"
         ) from None
     return Figure(**kw)
 
