@@ -9,7 +9,7 @@ from tiny_conditional import curled_gmm
 
 import conservcheck
 from conservcheck.cli import display
-from conservcheck.report.views import diagnostic_tables, headline_table
+from conservcheck.report.views import diagnostic_tables, headline_table, provenance
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +68,8 @@ def test_every_guidance_scale_keeps_its_own_row_and_check(guided):
     # The guided field is s∅ + w (s_c − s∅) and only s_c carries the curl 0.3 K x: at w = 0 the field is the
     # exact unconditional score, at w = 7.5 it carries 7.5 × that curl.
     assert {(w, s) for (_, w), s in status.items()} == {("0", "pass"), ("7.5", "violation")}
+
+
+def test_provenance_settings_read_as_text(guided):
+    settings = dict(provenance(guided))["settings"]
+    assert "loop_points rotation 16" in settings and "{" not in settings and "[" not in settings

@@ -56,6 +56,16 @@ def _convention(header: dict[str, Any]) -> str:
     return f"{name} ({', '.join(f'{k} {v}' for k, v in conv.items())})" if conv else str(name)
 
 
+def _setting(value: Any) -> str:
+    """An option's value as the provenance block shows it: ``a,b`` for a list, ``rotation 48, brownian 128``
+    for a mapping."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 def provenance(report: AuditReport) -> list[tuple[str, str]]:
     """(label, value) pairs: what was audited, in which units, with which settings, on what, when."""
     h = report.header
@@ -74,7 +84,7 @@ def provenance(report: AuditReport) -> list[tuple[str, str]]:
         data = f"{src.get('n')} samples from {src.get('path', src.get('kind', '—'))}"
     out.append(("x0", data + (f", SHA-256 {src['sha256']}" if src.get("sha256") else "")))
     settings = ", ".join(
-        f"{k} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        f"{k} {_setting(v)}"
         for k, v in opts.items()
         if v is not None and v is not False and k not in ("device", "precision", "data", "revision", "cpu_scaled")
     )
