@@ -241,6 +241,13 @@ def _report_cases() -> list[Case]:
             Case(f"plot-{id}", ("plot", path, "--out", "{dir}/figs"), pattern),
             Case(f"compare-a-{id}", ("compare", path, "{report.json}"), pattern),
             Case(f"compare-b-{id}", ("compare", "{report.json}", path), pattern),
+            Case(f"report-{id}", ("report", path), pattern),
+            Case(
+                f"gate-baseline-{id}",
+                ("gate", "{report.json}", "--baseline", path, "--fail-if", "verdict != pass"),
+                pattern,
+            ),
+            Case(f"report-baseline-{id}", ("report", "{report.json}", "--baseline", path), pattern),
         ]
     return out
 

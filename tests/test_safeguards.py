@@ -630,7 +630,6 @@ def _pipe(args: list[str], read: int) -> tuple[int, str]:
     return proc.wait(timeout=300), err
 
 
-@pytest.mark.slow
 def test_a_closed_stdout_changes_nothing_but_the_output(files, tmp_path):
     """`… | head` closes the pipe early: the command finishes its work and exits with its own code, with
     nothing on stderr."""
