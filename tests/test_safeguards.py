@@ -15,7 +15,9 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -207,6 +209,35 @@ def test_running_again_without_resume_never_truncates_the_saved_journal(files):
     assert len(first.read_text().splitlines()) == 1 + 5 and len(second.read_text().splitlines()) == 1 + 3
     resumed = audit("test_safeguards:mixture", resume=str(first), **kw)
     assert resumed.run["units_reused"] == 5 and resumed.verdict.status == "pass"
+
+
+def test_two_identical_audits_at_once_write_their_own_files(files):
+    """Two identical audits started together shared one default file and interleaved their lines; each now
+    writes its own (the fingerprint, the start time, the process and a random token name it), and both
+    finish with the same report. Threads of one process share the process id, so only the token tells the
+    files apart. (Loops only: torch's forward-mode AD keeps global state, and two curl checks racing in one
+    process can see each other's AD levels; docs/api.md says to run concurrent audits as processes.)"""
+    kw = {**KW, "curl": "none", "data": files["mix"], "cache_dir": files["cache"]}
+    start = threading.Barrier(2)
+    results: list[Any] = [None, None]
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = audit("test_safeguards:mixture", keep_partial_results=True, **kw)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    a, b = results
+    assert a is not None and b is not None
+    assert a.run["partial_results"] != b.run["partial_results"]
+    assert a.to_dict()["units"] == b.to_dict()["units"] and a.verdict.status == b.verdict.status == "pass"
+    for rep in (a, b):
+        assert audit("test_safeguards:mixture", resume=rep.run["partial_results"], **kw).run["units_reused"] == len(
+            rep.to_dict()["units"]
+        )
 
 
 def test_a_journal_in_use_is_refused(files, tmp_path):
