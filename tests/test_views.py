@@ -4,7 +4,10 @@ scales apart in every table."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from rich.console import Console
 from tiny_conditional import curled_gmm
 
 import conservcheck
@@ -24,12 +27,15 @@ def guided(tmp_path_factory):
 
 
 def test_console_tables_are_the_document_tables_at_the_console_width(guided):
+    """Each console table is the document table at the console's width, or at the next narrower width where
+    it would not fit."""
     for width in (80, 120, 160):
         console = display.tables(guided, width)
-        text = diagnostic_tables(guided, width)
-        assert [t.title for t in console] == [t.title for t in text]
-        for rich_table, table in zip(console, text):
-            assert [c.header for c in rich_table.columns] == table.columns
+        candidates = [diagnostic_tables(guided, w) for w in (width, min(width, 139), min(width, 99))]
+        assert [t.title for t in console] == [t.title for t in candidates[0]]
+        for i, rich_table in enumerate(console):
+            headers = [c.header for c in rich_table.columns]
+            (table,) = [c[i] for c in candidates if c[i].columns == headers][:1]
             cells = [[str(c) for c in column._cells] for column in rich_table.columns]
             assert [list(row) for row in zip(*cells)] == table.rows
 
@@ -73,3 +79,13 @@ def test_every_guidance_scale_keeps_its_own_row_and_check(guided):
 def test_provenance_settings_read_as_text(guided):
     settings = dict(provenance(guided))["settings"]
     assert "loop_points rotation 16" in settings and "{" not in settings and "[" not in settings
+
+
+@pytest.mark.parametrize("width", [100, 120, 160])
+def test_console_tables_never_cut_numbers_short(guided, width):
+    """A table wider than the console drops columns (the next narrower width's) instead of letting rich
+    shorten its cells with "…" (from 100 columns on; a narrower terminal may see long cells shortened)."""
+    buf = io.StringIO()
+    display.show(guided, Console(file=buf, width=width, highlight=False))
+    tables = buf.getvalue().split("\nverdict:")[0]
+    assert "…" not in tables

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from conservcheck.report.audit_report import AuditReport
 from conservcheck.report.baseline import Comparison
-from conservcheck.report.views import TextTable, comparison_tables, diagnostic_tables
+from conservcheck.report.views import MEDIUM, WIDE, TextTable, comparison_tables, diagnostic_tables
 from conservcheck.runner.options import cpu_scaled_text
 
 
@@ -40,8 +40,19 @@ def rich_table(table: TextTable) -> Table:
 
 def tables(report: AuditReport, width: int) -> list[Table]:
     """One table per (diagnostic, variant) — :func:`conservcheck.report.views.diagnostic_tables` at the
-    console's width."""
-    return [rich_table(t) for t in diagnostic_tables(report, width)]
+    console's width. A table still wider than the console (a ``w`` column, long labels) drops the columns
+    of the next narrower width rather than have rich cut its numbers short with "…"."""
+    widths = dict.fromkeys((width, min(width, WIDE - 1), min(width, MEDIUM - 1)))
+    choices = zip(*(diagnostic_tables(report, w) for w in widths))
+    measure = Console(width=100_000)  # wide enough that the measurement is not clamped to the console
+    out = []
+    for options in choices:
+        for text in options:
+            table = rich_table(text)
+            if measure.measure(table).maximum <= width:
+                break
+        out.append(table)
+    return out
 
 
 def describe(report: AuditReport) -> list[str]:
