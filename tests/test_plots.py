@@ -117,3 +117,8 @@ def test_box_plots_have_one_box_per_time_point():
     for ax in fig.axes:
         labels = [t.get_text() for t in ax.get_xticklabels()]
         assert labels == [report.time_label(f"k{k}") for k in KEYS]
+
+
+def test_the_y_axis_names_the_metric():
+    ax = _time_figure(_report(), "loop", "abs_circulation", "|∮ s·dy|", True).axes[0]
+    assert ax.get_ylabel() == "|∮ s·dy|"

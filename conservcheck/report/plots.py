@@ -77,10 +77,10 @@ def _time_figure(report: AuditReport, diagnostic: str, metric: str, label: str, 
     guided = len(report.guidance_scales) > 1
     for (variant, w), rows in model.groupby(["variant", "guidance"], sort=False, dropna=False):
         rows = rows.sort_values("t")
-        label = f"{variant}, w={w:g}" if guided else variant
+        name = f"{variant}, w={w:g}" if guided else variant
         x = rows[xcol].astype(float).to_numpy()
         med = rows["median"].astype(float).to_numpy()
-        line = ax.plot(x, med, marker="o", ms=4, label=label)[0]
+        line = ax.plot(x, med, marker="o", ms=4, label=name)[0]
         color = line.get_color()
         low, high = rows["q25"].astype(float).to_numpy(), rows["q75"].astype(float).to_numpy()
         if bottom is not None:
