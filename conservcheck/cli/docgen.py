@@ -7,7 +7,7 @@ table row per argument and option, with the option names, metavar, help and defa
     python -m conservcheck.cli.docgen > docs/cli-reference.md        # regenerate after changing the CLI
     python -m conservcheck.cli.docgen --check docs/cli-reference.md  # exit 1 when the file is stale
 
-typer is imported here only, like in :mod:`conservcheck.cli.app`; importing ``conservcheck`` does not load it.
+typer is imported here only, like in the rest of :mod:`conservcheck.cli`; importing ``conservcheck`` does not load it.
 """
 
 from __future__ import annotations

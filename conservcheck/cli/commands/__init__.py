@@ -1,0 +1,1 @@
+"""The commands of ``conservcheck``, one module each; :mod:`conservcheck.cli.app` registers them."""
