@@ -122,8 +122,9 @@ def test_forward_timing_grows_the_batch_up_to_the_audit_batch_and_no_further():
     forward_seconds(_probe(calls), batch_size=10**6)
     assert max(calls) == 1024 and calls[-2:] == [1024, 1024]
     calls.clear()
-    # An audit of 20.5 model evaluations is timed on at most 21 rows, not on the 32 of a larger one.
-    forward_seconds(_probe(calls), batch_size=256, rows=20.5)
+    # An audit of 82 model evaluations is timed on a quarter of them, 21 rows, not on the 32 of a larger one:
+    # the three passes cost less than the audit.
+    forward_seconds(_probe(calls), batch_size=256, rows=82)
     assert calls == [21, 21, 21]
 
 

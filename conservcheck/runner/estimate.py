@@ -136,8 +136,8 @@ def forward_seconds(
 
     One untimed pass first (lazy initialisation, kernel selection), then batches of 32, 64, … rows until
     one pass takes :data:`TIMING_SECONDS` or the batch reaches ``batch_size`` (or 1024 rows, where a pass
-    of a model worth timing is long enough, or ``rows``, the evaluations of the whole audit: timing an
-    audit never costs more than a few times the audit itself); at that size the best of two
+    of a model worth timing is long enough, or a quarter of ``rows``, the evaluations of the whole audit:
+    the timing's three passes then cost less than the audit itself); at that size the best of two
     passes counts, so one slow spell of a shared machine does not set the estimate. Small batches are
     not timed: on a CPU their per-sample time says little about the audit's batches. The inputs are
     unit-variance noise at the middle of the process's noise range. Costs about three times the last pass.
@@ -146,7 +146,7 @@ def forward_seconds(
     tt = probe.process.t_from_sigma(torch.tensor(0.5, dtype=torch.float64)) if t is None else t
     largest = min(batch_size, TIMING_MAX)
     if rows is not None:
-        largest = max(1, min(largest, math.ceil(rows)))
+        largest = max(1, min(largest, math.ceil(rows / 4)))
     size = min(TIMING_START, largest)
 
     def timed(rows: int) -> float:
