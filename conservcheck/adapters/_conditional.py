@@ -179,6 +179,29 @@ class LazyLatentProbe(LatentProbe):
         # None goes through the setter below: the autoencoder is read on first use
         super().__init__(fn, autoencoder=None, **kwargs)  # type: ignore[arg-type]
 
+    @classmethod
+    def for_pipeline(
+        cls,
+        fn: Any,
+        ae_config: dict[str, Any],
+        load_autoencoder: Callable[[], torch.nn.Module],
+        default_scale: float,
+        **kwargs: Any,
+    ) -> LazyLatentProbe:
+        """The probe of a pipeline whose ``vae/`` is an AutoencoderKL over images in [−1, 1]: latents
+        z = scaling_factor · (E(image) − shift_factor), the factors from its config (``default_scale`` where
+        the config has none, as the pipeline does)."""
+        return cls(
+            fn,
+            load_autoencoder=load_autoencoder,
+            ae_config=ae_config,
+            kind="kl",
+            scaling_factor=float(ae_config.get("scaling_factor", default_scale)),
+            shift_factor=ae_config.get("shift_factor"),
+            data_range=(-1.0, 1.0),
+            **kwargs,
+        )
+
     @property
     def autoencoder(self) -> torch.nn.Module:
         if self._autoencoder is None:

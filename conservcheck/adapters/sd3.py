@@ -217,18 +217,15 @@ def load(
             "diffusers_version": diffusers.__version__,
         },
     )
-    return LazyLatentProbe(
+    return LazyLatentProbe.for_pipeline(
         field,
-        load_autoencoder=load_ae,
-        ae_config=ae_config,
-        kind="kl",
-        scaling_factor=float(ae_config.get("scaling_factor", 1.0)),
-        shift_factor=ae_config.get("shift_factor"),
+        ae_config,
+        load_ae,
+        1.0,
         process=FlowProcess(),
         sample_shape=(c, size, size),
         parameterization="velocity",
         time_convention=AffineTime(scale),
-        data_range=(-1.0, 1.0),
         device=device,
         dtype=dtype,
         precision=options.get("precision"),
