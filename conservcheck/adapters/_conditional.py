@@ -249,6 +249,30 @@ def autoencoder(
     return config, load
 
 
+def denoiser_and_autoencoder(
+    root: pathlib.Path,
+    cls: Any,
+    subfolder: str,
+    *,
+    device: Any,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    variant: str | None,
+) -> tuple[torch.nn.Module, WeightsFiles, str, dict[str, Any], Callable[[], torch.nn.Module]]:
+    """A latent pipeline's denoiser ``root/subfolder`` (class ``cls``), ready for the probe, with its weights
+    files and loader, and the ``vae/`` config with the lazy loader of its AutoencoderKL (:func:`autoencoder`)."""
+    from conservcheck.adapters._diffusers import prepare
+
+    model, weights, loader = load_component(
+        cls, root / subfolder, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
+    )
+    model = prepare(model.to(device), dtype)
+    ae_config, load_ae = autoencoder(
+        root, device=device, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
+    )
+    return model, weights, loader, ae_config, load_ae
+
+
 def required_prompts(path: pathlib.Path, options: dict[str, Any]) -> tuple[list[str], str | None, Conditioning]:
     """A text-to-image pipeline's ``prompt`` option as a list (one line naming ``--prompt`` when it is missing),
     its ``negative_prompt`` and their :class:`~conservcheck.conditioning.Conditioning`."""
@@ -288,6 +312,7 @@ __all__ = [
     "TEXT_EXTRA_HINT",
     "autoencoder",
     "component_class",
+    "denoiser_and_autoencoder",
     "free",
     "latent_record",
     "load_text_encoder",

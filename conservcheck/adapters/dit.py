@@ -24,12 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from conservcheck.adapters._conditional import LazyLatentProbe, autoencoder, latent_record, pipeline_scheduler
+from conservcheck.adapters._conditional import (
+    LazyLatentProbe,
+    denoiser_and_autoencoder,
+    latent_record,
+    pipeline_scheduler,
+)
 from conservcheck.adapters._diffusers import (
     check_options,
-    load_component,
     model_config,
-    prepare,
     read_json,
     scheduler_units,
 )
@@ -103,16 +106,14 @@ def load(
     conditioning, labels = class_conditioning(options.get("class_label"), n_classes, n_classes, "the null class")
     units = scheduler_units(*pipeline_scheduler(path))
     variant = options.get("variant")
-    model, weights, loader = load_component(
+    model, weights, loader, ae_config, load_ae = denoiser_and_autoencoder(
+        path,
         diffusers.DiTTransformer2DModel,
-        path / "transformer",
+        "transformer",
+        device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         variant=variant,
-    )
-    model = prepare(model.to(device), dtype)
-    ae_config, load_ae = autoencoder(
-        path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
     )
     config = model_config(model)
     c, size = int(config.in_channels), int(config.sample_size)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from conservcheck.adapters._conditional import (
     LazyLatentProbe,
-    autoencoder,
+    denoiser_and_autoencoder,
     free,
     latent_record,
     load_text_encoder,
@@ -43,9 +43,7 @@ from conservcheck.adapters._conditional import (
 )
 from conservcheck.adapters._diffusers import (
     check_options,
-    load_component,
     model_config,
-    prepare,
     read_json,
     scheduler_units,
 )
@@ -164,16 +162,14 @@ def load(
     _refuse_unsupported(path, unet_cfg)
     units = scheduler_units(*pipeline_scheduler(path))
     variant = options.get("variant")
-    unet, unet_w, loader = load_component(
+    unet, unet_w, loader, ae_config, load_ae = denoiser_and_autoencoder(
+        path,
         diffusers.UNet2DConditionModel,
-        path / "unet",
+        "unet",
+        device=device,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         variant=variant,
-    )
-    unet = prepare(unet.to(device), dtype)
-    ae_config, load_ae = autoencoder(
-        path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, variant=variant
     )
     embeddings, null, text_files = encode_prompts(path, prompts, negative, device=device, dtype=dtype, variant=variant)
     config = model_config(unet)
